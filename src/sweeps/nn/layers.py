@@ -1,0 +1,347 @@
+"""Layers with forward/backward, after the book's `common/layers.py` (Saito, ch05-ch07).
+
+Each layer owns its parameters in ``params`` and their gradients in ``grads`` (dicts of
+arrays with the book's names: ``W``, ``b``, ``gamma``, ``beta``). A model may re-point those
+entries at views of one contiguous buffer (see ``Sequential``), so layers always read
+``self.params[...]`` at call time and write gradients *into* ``self.grads[...]`` in place.
+``backward`` never writes into the incoming ``dout``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sweeps.nn import functional as F
+
+
+class Layer:
+    """Base class: a layer without parameters is the identity."""
+
+    params: dict[str, np.ndarray]
+    grads: dict[str, np.ndarray]
+    #: parameter names that weight decay applies to (weights, never biases or BN scales)
+    decayed: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self.params = {}
+        self.grads = {}
+
+    def forward(self, x: np.ndarray, train: bool = False) -> np.ndarray:
+        return x
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        return dout
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{k}{tuple(v.shape)}" for k, v in self.params.items())
+        return f"{type(self).__name__}({shapes})"
+
+
+def _zeros_like_params(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.zeros_like(v) for k, v in params.items()}
+
+
+class Affine(Layer):
+    """Fully connected layer ``out = x @ W + b`` (book 5.6.2). x may be (N, ...); it is
+    flattened to (N, D) and dx is returned in x's shape."""
+
+    decayed = ("W",)
+
+    def __init__(self, W: np.ndarray, b: np.ndarray | None = None) -> None:
+        super().__init__()
+        self.params["W"] = W  # (D, M)
+        if b is not None:
+            self.params["b"] = b  # (M,)
+        self.grads = _zeros_like_params(self.params)
+        self.x: np.ndarray | None = None
+        self.x_shape: tuple[int, ...] = ()
+
+    def forward(self, x, train=False):
+        self.x_shape = x.shape
+        x = x.reshape(x.shape[0], -1)  # (N, ...) -> (N, D)
+        self.x = x
+        out = x @ self.params["W"]  # (N, M)
+        if "b" in self.params:
+            out += self.params["b"]
+        return out
+
+    def backward(self, dout):
+        W = self.params["W"]
+        np.matmul(self.x.T, dout, out=self.grads["W"])  # (D, N) @ (N, M) -> (D, M)
+        if "b" in self.grads:
+            np.sum(dout, axis=0, out=self.grads["b"])
+        dx = dout @ W.T  # (N, M) @ (M, D) -> (N, D)
+        return dx.reshape(self.x_shape)
+
+
+class ReLU(Layer):
+    """max(0, x) (book 5.5.1). Backward passes dout where x > 0."""
+
+    def forward(self, x, train=False):
+        self.mask = x > 0
+        return np.maximum(x, 0)
+
+    def backward(self, dout):
+        return dout * self.mask
+
+
+class Sigmoid(Layer):
+    """1 / (1 + exp(-x)) (book 5.5.2), computed as 0.5*(1 + tanh(x/2)) so it cannot overflow."""
+
+    def forward(self, x, train=False):
+        out = np.tanh(x * 0.5)
+        out += 1
+        out *= 0.5
+        self.out = out
+        return out
+
+    def backward(self, dout):
+        return dout * (1.0 - self.out) * self.out
+
+
+class Tanh(Layer):
+    def forward(self, x, train=False):
+        self.out = np.tanh(x)
+        return self.out
+
+    def backward(self, dout):
+        return dout * (1.0 - self.out**2)
+
+
+class BatchNorm(Layer):
+    """Batch normalization (Ioffe & Szegedy 2015; book 6.3).
+
+    Dense input (N, D) is normalized per feature; conv maps (N, C, H, W) per channel, over
+    N*H*W values (the paper's convolutional form; the book's code normalizes per activation).
+    Training uses the batch statistics and updates the running mean/var with
+    ``running = momentum*running + (1-momentum)*batch`` (book: momentum 0.9); evaluation uses the
+    running statistics. Running var starts at 1, not the book's 0, so an untrained net evaluates
+    sensibly.
+    """
+
+    def __init__(
+        self, gamma: np.ndarray, beta: np.ndarray, momentum: float = 0.9, eps: float = 1e-6
+    ) -> None:
+        super().__init__()
+        self.params["gamma"] = gamma
+        self.params["beta"] = beta
+        self.grads = _zeros_like_params(self.params)
+        self.momentum = momentum
+        self.eps = eps
+        self.running_mean = np.zeros_like(gamma)
+        self.running_var = np.ones_like(gamma)
+
+    @staticmethod
+    def _to_2d(x: np.ndarray) -> np.ndarray:
+        if x.ndim == 4:  # (N, C, H, W) -> (N*H*W, C)
+            return x.transpose(0, 2, 3, 1).reshape(-1, x.shape[1])
+        return x
+
+    @staticmethod
+    def _from_2d(y: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        if len(shape) == 4:
+            N, C, H, W = shape
+            return y.reshape(N, H, W, C).transpose(0, 3, 1, 2)
+        return y
+
+    def forward(self, x, train=False):
+        self.x_shape = x.shape
+        x2 = self._to_2d(x)  # (M, D)
+        gamma, beta = self.params["gamma"], self.params["beta"]
+        if train:
+            mu = x2.mean(axis=0)
+            xc = x2 - mu
+            var = np.mean(xc * xc, axis=0)
+            std = np.sqrt(var + self.eps)
+            xn = xc / std
+            self.xn, self.std = xn, std
+            m = self.momentum
+            self.running_mean *= m
+            self.running_mean += (1 - m) * mu
+            self.running_var *= m
+            self.running_var += (1 - m) * var
+        else:
+            xn = (x2 - self.running_mean) / np.sqrt(self.running_var + self.eps)
+        return self._from_2d(gamma * xn + beta, self.x_shape)
+
+    def backward(self, dout):
+        d2 = self._to_2d(dout)
+        xn, std = self.xn, self.std
+        np.sum(d2, axis=0, out=self.grads["beta"])
+        np.sum(xn * d2, axis=0, out=self.grads["gamma"])
+        dxn = d2 * self.params["gamma"]
+        # d/dx of (x - mean)/std with batch statistics, in its compact form.
+        dx = (dxn - dxn.mean(axis=0) - xn * np.mean(dxn * xn, axis=0)) / std
+        return self._from_2d(dx, self.x_shape)
+
+
+class Dropout(Layer):
+    """Dropout (Srivastava et al. 2014; book 6.4.3).
+
+    ``inverted=True`` (default) scales kept units by 1/(1-ratio) during training so evaluation
+    is the identity. ``inverted=False`` is the book's variant: training masks without scaling,
+    evaluation multiplies by (1-ratio); use it to reproduce the book's figures.
+    Masks come from the generator passed in (the run's one RNG). ``freeze_mask`` reuses the
+    last mask, so a gradient check sees a fixed function.
+    """
+
+    def __init__(self, ratio: float, rng: np.random.Generator, inverted: bool = True) -> None:
+        super().__init__()
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"dropout ratio {ratio!r} is outside the allowed range [0, 1)")
+        self.ratio = float(ratio)
+        self.rng = rng
+        self.inverted = inverted
+        self.freeze_mask = False
+        self.mask: np.ndarray | None = None
+
+    def forward(self, x, train=False):
+        if not train:
+            return x if self.inverted else x * (1.0 - self.ratio)
+        if not (self.freeze_mask and self.mask is not None and self.mask.shape == x.shape):
+            keep = self.rng.random(x.shape, dtype=np.float32) >= self.ratio
+            scale = 1.0 / (1.0 - self.ratio) if self.inverted else 1.0
+            self.mask = keep.astype(x.dtype) * x.dtype.type(scale)
+        return x * self.mask
+
+    def backward(self, dout):
+        return dout * self.mask
+
+
+class Convolution(Layer):
+    """2-D convolution via im2col (book 7.4). W (FN, C, FH, FW), b (FN,)."""
+
+    decayed = ("W",)
+
+    def __init__(self, W: np.ndarray, b: np.ndarray | None, stride: int = 1, pad: int = 0):
+        super().__init__()
+        if stride < 1 or pad < 0:
+            raise ValueError(f"convolution needs stride >= 1 and pad >= 0, got {stride=}, {pad=}")
+        self.params["W"] = W
+        if b is not None:
+            self.params["b"] = b
+        self.grads = _zeros_like_params(self.params)
+        self.stride, self.pad = stride, pad
+
+    def forward(self, x, train=False):
+        W = self.params["W"]
+        FN, C, FH, FW = W.shape
+        if x.ndim != 4 or x.shape[1] != C:
+            raise ValueError(f"convolution expects input (N, {C}, H, W), got shape {x.shape}")
+        N, _, H, Wd = x.shape
+        out_h = F.conv_output_size(H, FH, self.stride, self.pad)
+        out_w = F.conv_output_size(Wd, FW, self.stride, self.pad)
+        self.x_shape = x.shape
+        self.col = F.im2col(x, FH, FW, self.stride, self.pad)  # (N*oh*ow, C*FH*FW)
+        out = self.col @ W.reshape(FN, -1).T  # (N*oh*ow, FN)
+        if "b" in self.params:
+            out += self.params["b"]
+        return out.reshape(N, out_h, out_w, FN).transpose(0, 3, 1, 2)
+
+    def backward(self, dout):
+        W = self.params["W"]
+        FN, C, FH, FW = W.shape
+        dout = dout.transpose(0, 2, 3, 1).reshape(-1, FN)  # (N*oh*ow, FN)
+        if "b" in self.grads:
+            np.sum(dout, axis=0, out=self.grads["b"])
+        # (FN, N*oh*ow) @ (N*oh*ow, C*FH*FW) -> (FN, C*FH*FW), written straight into dW
+        np.matmul(dout.T, self.col, out=self.grads["W"].reshape(FN, -1))
+        dcol = dout @ W.reshape(FN, -1)  # (N*oh*ow, C*FH*FW)
+        return F.col2im(dcol, self.x_shape, FH, FW, self.stride, self.pad)
+
+
+class MaxPooling(Layer):
+    """Max pooling (book 7.4.4). Ties go to the first maximum in the window, as in the book."""
+
+    def __init__(self, pool_h: int = 2, pool_w: int = 2, stride: int = 2, pad: int = 0):
+        super().__init__()
+        if min(pool_h, pool_w, stride) < 1 or pad < 0:
+            raise ValueError(
+                f"pooling needs pool sizes and stride >= 1 and pad >= 0, "
+                f"got {pool_h=}, {pool_w=}, {stride=}, {pad=}"
+            )
+        self.pool_h, self.pool_w, self.stride, self.pad = pool_h, pool_w, stride, pad
+
+    def forward(self, x, train=False):
+        N, C, H, W = x.shape
+        ph, pw = self.pool_h, self.pool_w
+        self.x_shape = x.shape
+        if self.pad:
+            # Pad with -inf so padding never wins the max.
+            x = np.pad(
+                x, ((0, 0), (0, 0), (self.pad,) * 2, (self.pad,) * 2), constant_values=-np.inf
+            )
+        win = F.windows(x, ph, pw, self.stride, 0)  # (N, C, oh, ow, ph, pw)
+        oh, ow = win.shape[2:4]
+        win = win.reshape(N, C, oh, ow, ph * pw)  # copies the windows once
+        self.arg_max = win.argmax(axis=-1)  # (N, C, oh, ow)
+        return np.take_along_axis(win, self.arg_max[..., None], axis=-1)[..., 0]
+
+    def backward(self, dout):
+        N, C, H, W = self.x_shape
+        ph, pw, s, p = self.pool_h, self.pool_w, self.stride, self.pad
+        oh, ow = dout.shape[2:]
+        dx = np.zeros((N, C, H + 2 * p, W + 2 * p), dtype=dout.dtype)
+        # Loop over the ph*pw window taps; each adds dout where that tap held the max.
+        for k in range(ph * pw):
+            ky, kx = divmod(k, pw)
+            dx[:, :, ky : ky + s * oh : s, kx : kx + s * ow : s] += np.where(
+                self.arg_max == k, dout, 0
+            )
+        return dx[:, :, p : H + p, p : W + p]
+
+
+class Flatten(Layer):
+    """(N, C, H, W) -> (N, C*H*W)."""
+
+    def forward(self, x, train=False):
+        self.x_shape = x.shape
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, dout):
+        return dout.reshape(self.x_shape)
+
+
+# --- losses -----------------------------------------------------------------------------
+
+
+class SoftmaxCrossEntropy:
+    """Softmax followed by mean cross-entropy over the batch (book 5.6.3).
+
+    Uses log-softmax instead of the book's ``log(y + 1e-7)`` so the loss is exact and the
+    gradient check is clean. ``t`` is (N,) integer labels. Backward gives (y - onehot(t)) / N.
+    """
+
+    def forward(self, x: np.ndarray, t: np.ndarray) -> float:
+        N = x.shape[0]
+        logp = F.log_softmax(x)
+        self.y = np.exp(logp)
+        self.t = t
+        return float(-logp[np.arange(N), t].sum() / N)
+
+    def backward(self) -> np.ndarray:
+        N = self.y.shape[0]
+        dx = self.y.copy()
+        dx[np.arange(N), self.t] -= 1
+        dx /= N
+        return dx
+
+
+class MeanSquaredError:
+    """Half the squared error summed over outputs, averaged over the batch:
+    ``0.5 * sum((y - onehot(t))**2) / N`` (the book's sum_squared_error, per sample).
+
+    The half is why "Make Your Own Neural Network" can drop the factor 2 from the derivative:
+    its update is exactly this loss's gradient. Targets are one-hot with values ``off``/``on``
+    (that book uses 0.01 and 0.99 so a sigmoid output can reach them).
+    """
+
+    def __init__(self, off: float = 0.0, on: float = 1.0) -> None:
+        self.off, self.on = off, on
+
+    def forward(self, y: np.ndarray, t: np.ndarray) -> float:
+        self.diff = y - F.one_hot(t, y.shape[1], self.off, self.on, dtype=y.dtype)
+        return float(0.5 * np.sum(self.diff**2) / y.shape[0])
+
+    def backward(self) -> np.ndarray:
+        return self.diff / self.diff.shape[0]
