@@ -307,6 +307,7 @@ class TrainerConf:
     eval_batch_size: int = 1000
     eval_train_size: int | None = None
     probe_size: int = 1000
+    gradient: str = "backprop"
 
     def __post_init__(self) -> None:
         self.settings()

@@ -12,14 +12,17 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
 from sweeps.nn import Sequential
 from sweeps.nn import layers as L
+from sweeps.nn.numerical import numerical_gradient
 from sweeps.optim import Optimizer, WeightDecay
 
 SAMPLING = ("shuffle", "replacement", "sequential")
+GRADIENTS = ("backprop", "numerical")
 
 
 class DivergedError(RuntimeError):
@@ -32,7 +35,8 @@ class TrainSettings:
     (the book's ``np.random.choice(train_size, batch_size)``, max(n // batch, 1) draws per
     epoch) or ``sequential`` (in order, no shuffling). ``iterations`` caps the total number of
     updates (the book's ``iters_num``); the epoch in progress is then evaluated and training
-    stops."""
+    stops. ``gradient``: ``backprop`` or ``numerical`` (central differences, the book's ch04
+    comparison; only for tiny nets, it costs two forward passes per parameter)."""
 
     epochs: int = 10
     batch_size: int = 100
@@ -41,6 +45,7 @@ class TrainSettings:
     eval_batch_size: int = 1000
     eval_train_size: int | None = None
     probe_size: int = 1000
+    gradient: str = "backprop"
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size", "eval_batch_size", "probe_size"):
@@ -53,6 +58,8 @@ class TrainSettings:
                 raise ValueError(f"trainer.{key} must be null or an integer >= 1, got {value!r}")
         if self.sampling not in SAMPLING:
             raise ValueError(f"unknown trainer.sampling {self.sampling!r}; choose from {list(SAMPLING)}")
+        if self.gradient not in GRADIENTS:
+            raise ValueError(f"unknown trainer.gradient {self.gradient!r}; choose from {list(GRADIENTS)}")
 
 
 @dataclass
@@ -136,12 +143,13 @@ def fit(
     probe = (val[0] if val is not None else x)[: settings.probe_size]
     budget = settings.iterations if settings.iterations is not None else math.inf
     iteration = 0
+    gradient = model.gradient if settings.gradient == "backprop" else partial(numerical_gradient, model)
     for cb in callbacks:
         cb.on_train_start(model)
     for epoch in range(1, settings.epochs + 1 if budget == math.inf else 2**62):
         start = time.perf_counter()
         for idx in batches(x.shape[0], settings.batch_size, settings.sampling, rng):
-            loss = model.gradient(x[idx], t[idx])
+            loss = gradient(x[idx], t[idx])
             if weight_decay.strength:
                 loss += weight_decay.penalty(p, n_decayed)
                 weight_decay.apply(p, g, n_decayed)
