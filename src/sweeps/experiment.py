@@ -100,10 +100,15 @@ def train(
     cfg: RunConfig,
     callbacks: Sequence[Callback] = (),
     splits: D.Splits | None = None,
+    rng: np.random.Generator | None = None,
 ) -> Trained:
     """Load data, build, and fit. One generator seeded by ``cfg.seed`` drives the split, the
-    weights, dropout and the batch order, in that order, so a seed fixes the whole run."""
-    rng = np.random.default_rng(cfg.seed)
+    weights, dropout and the batch order, in that order, so a seed fixes the whole run.
+    A caller that made the split itself passes it with the generator it used."""
+    if (splits is None) != (rng is None):
+        raise ValueError("pass both splits and the rng that made them, or neither")
+    if rng is None:
+        rng = np.random.default_rng(cfg.seed)
     if splits is None:
         splits = load_splits(cfg, rng)
     model = build_model(cfg, rng, splits.train.x.shape[1:])

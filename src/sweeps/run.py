@@ -1,0 +1,222 @@
+"""``python -m sweeps.run [overrides]``: compose the config, train, record the run in MLflow.
+
+    python -m sweeps.run optimizer=adam init=he
+    python -m sweeps.run -m optimizer=sgd,momentum,adagrad,adam seed=0,1,2
+
+Hydra stops here: ``execute`` takes the validated dataclasses and is what the search calls
+for each trial, so a trial is exactly what this command runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import hydra
+import numpy as np
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from sweeps import tracking
+from sweeps.config import GROUPS, RunConfig, choices_from_config, conf_dir, register_schemas, validate
+from sweeps.experiment import train
+from sweeps.train import Callback, DivergedError, History
+
+log = logging.getLogger("sweeps.run")
+
+
+@dataclass
+class Outcome:
+    run_id: str | None
+    history: History
+    val_acc: float | None
+    test: dict[str, float] = field(default_factory=dict)
+    ui: str = ""
+
+
+class Progress(Callback):
+    """A tqdm bar over iterations on a terminal, and one log line per epoch everywhere."""
+
+    def __init__(self, total: int | None, every: int = 20, enabled: bool = True) -> None:
+        self.every = every
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="it", dynamic_ncols=True, leave=False)
+        self.start = time.perf_counter()
+        self._last = 0
+
+    def on_batch_end(self, iteration, loss):
+        if self.bar is not None and iteration % self.every == 0:
+            self.bar.update(iteration - self._last)
+            self._last = iteration
+            self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+    def on_epoch_end(self, epoch, metrics, model):
+        parts = [f"epoch {epoch:3d}"]
+        for key in ("train/loss", "train/acc", "val/loss", "val/acc"):
+            if key in metrics:
+                parts.append(f"{key} {metrics[key]:.4f}")
+        parts.append(f"{metrics['time/epoch']:.2f}s")
+        line = " | ".join(parts)
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            log.info(line)
+
+    def on_train_end(self, history, model):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _total_iterations(cfg: RunConfig, n_train: int) -> int:
+    t = cfg.trainer
+    if t.iterations is not None:
+        return t.iterations
+    per_epoch = max(n_train // t.batch_size, 1) if t.sampling == "replacement" else -(-n_train // t.batch_size)
+    return per_epoch * t.epochs
+
+
+def execute(
+    cfg: RunConfig,
+    resolved: Mapping[str, Any],
+    overrides: Sequence[str] = (),
+    *,
+    choices: Mapping[str, str] | None = None,
+    extra_tags: Mapping[str, Any] | None = None,
+    parent_run_id: str | None = None,
+    callbacks: Sequence[Callback] = (),
+    evaluate_test: bool = True,
+    progress: bool = True,
+) -> Outcome:
+    """Train one configuration and record it. ``resolved`` is the resolved config as plain
+    containers (for params and config.yaml). Exceptions propagate after the run is marked
+    FAILED or KILLED."""
+    from sweeps.experiment import load_splits
+
+    m = cfg.mlflow
+    choices = dict(choices or choices_from_config(cfg))
+    tags: dict[str, Any] = {**choices, "seed": cfg.seed, "overrides": " ".join(overrides)}
+    if cfg.sweep_id:
+        tags["sweep_id"] = cfg.sweep_id
+    if cfg.experiment:
+        tags["experiment"] = cfg.experiment
+    tags.update(tracking.environment_tags())
+    tags.update(extra_tags or {})
+
+    if m.enabled:
+        ctx = tracking.open_run(
+            m.tracking_uri, m.experiment_name, m.artifact_root,
+            run_name=m.run_name, tags=tags, parent_run_id=parent_run_id,
+        )
+    else:
+        ctx = _null_context()
+    with ctx as run:
+        run.log_params(tracking.flatten(resolved))
+        run.log_text(OmegaConf.to_yaml(OmegaConf.create(dict(resolved))), "config.yaml")
+        run.log_text("\n".join(f"- {o}" for o in overrides) + "\n", "overrides.yaml")
+        rng = np.random.default_rng(cfg.seed)
+        splits = load_splits(cfg, rng)
+        run.set_tags({"data_digest": splits.digest})
+        run.log_dataset(splits.train.x, splits.train.t, f"{cfg.data.name}-train", splits.digest, "training")
+        if splits.val is not None:
+            run.log_dataset(splits.val.x, splits.val.t, f"{cfg.data.name}-val", splits.digest, "validation")
+        probe = (splits.val if splits.val is not None else splits.train).x[: cfg.trainer.probe_size]
+        title = " ".join(f"{k}={v}" for k, v in choices.items() if k in ("optimizer", "init", "activation"))
+        cbs: list[Callback] = [
+            tracking.MlflowCallback(run, probe, m.batch_loss_every, m.log_figures, m.log_model, title)
+        ]
+        cbs.append(Progress(_total_iterations(cfg, len(splits.train)), enabled=progress))
+        cbs.extend(callbacks)
+        trained = train(cfg, cbs, splits=splits, rng=rng)
+        history = trained.history
+        run.log_text(tracking.history_csv(history), "history.csv")
+        test: dict[str, float] = {}
+        if evaluate_test:
+            loss, acc = trained.model.evaluate(splits.test.x, splits.test.t, cfg.trainer.eval_batch_size)
+            test = {"test/loss": loss, "test/acc": acc}
+            run.log_metrics(test, step=int(history.last("epoch")))
+        val_acc = history.last("val/acc") if splits.val is not None else None
+        return Outcome(run.run_id, history, val_acc, test, tracking.ui_command(m.tracking_uri))
+
+
+class _null_context:
+    def __enter__(self):
+        return tracking.NullRun()
+
+    def __exit__(self, *exc):
+        return False
+
+
+def sweep_id_for(hc) -> str | None:
+    """One id shared by every job of a Hydra multirun: a hash of its sweep directory."""
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    return "sweep-" + hashlib.sha1(str(hc.sweep.dir).encode()).hexdigest()[:10]
+
+
+def _summary(outcome: Outcome) -> str:
+    lines = ["", "=== sweeps.run summary ==="]
+    if outcome.val_acc is not None:
+        lines.append(f"val acc   {outcome.val_acc:.4f}")
+    if outcome.test:
+        lines.append(f"test acc  {outcome.test['test/acc']:.4f}  (reported only, never used for selection)")
+    if outcome.run_id:
+        lines.append(f"MLflow run {outcome.run_id}")
+        lines.append(f"open the UI: {outcome.ui}")
+    return "\n".join(lines)
+
+
+@hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
+def _hydra_main(dcfg: DictConfig) -> float | None:
+    hc = HydraConfig.get()
+    try:
+        cfg = validate(dcfg)
+    except ValueError as e:
+        print(f"error: invalid config: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    multirun = hc.mode == RunMode.MULTIRUN
+    if cfg.sweep_id is None and multirun:
+        cfg.sweep_id = sweep_id_for(hc)
+    choices = {g: hc.runtime.choices.get(g) for g in GROUPS}
+    cfg.experiment = hc.runtime.choices.get("experiment") or cfg.experiment
+    resolved = OmegaConf.to_container(dcfg, resolve=True)
+    resolved["sweep_id"] = cfg.sweep_id
+    resolved["experiment"] = cfg.experiment
+    overrides = list(hc.overrides.task)
+    try:
+        with tracking.sigterm_as_interrupt():
+            outcome = execute(cfg, resolved, overrides, choices=choices)
+    except KeyboardInterrupt as e:
+        print(f"\ninterrupted ({e or 'Ctrl-C'}); the MLflow run is marked KILLED", file=sys.stderr)
+        raise SystemExit(143 if isinstance(e, tracking.Terminated) else 130) from None
+    except DivergedError as e:
+        print(f"error: {e}; the MLflow run is marked FAILED", file=sys.stderr)
+        if multirun:
+            return None
+        raise SystemExit(1) from None
+    except Exception as e:
+        if multirun:  # one failed job does not stop the sweep; it is recorded as FAILED
+            log.exception("job failed: %s", e)
+            return None
+        raise
+    print(_summary(outcome))
+    return outcome.val_acc
+
+
+def main() -> None:
+    register_schemas()
+    _hydra_main()
+
+
+register_schemas()
+
+if __name__ == "__main__":
+    main()
