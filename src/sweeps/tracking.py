@@ -14,6 +14,7 @@ import contextlib
 import io
 import logging
 import os
+import platform
 import signal
 import subprocess
 import tempfile
@@ -324,4 +325,13 @@ def history_csv(history: History) -> str:
 
 
 def environment_tags() -> dict[str, str]:
-    return {"sweeps_version": sweeps.__version__, "host_pid": str(os.getpid()), **git_state()}
+    """What, besides the config, decides a run's numbers: code, versions and platform
+    (``sweeps.reproduce`` compares them to explain a difference)."""
+    return {
+        "sweeps_version": sweeps.__version__,
+        "python_version": platform.python_version(),
+        "numpy_version": np.__version__,
+        "platform": platform.platform(),
+        "host_pid": str(os.getpid()),
+        **git_state(),
+    }
