@@ -130,8 +130,10 @@ def execute(
             run.log_dataset(splits.val.x, splits.val.t, f"{cfg.data.name}-val", splits.digest, "validation")
         probe = (splits.val if splits.val is not None else splits.train).x[: cfg.trainer.probe_size]
         title = " ".join(f"{k}={v}" for k, v in choices.items() if k in ("optimizer", "init", "activation"))
+        # Tracking off: nothing would keep the figures or the weights, so don't draw them.
+        figures, weights = m.log_figures and m.enabled, m.log_model and m.enabled
         cbs: list[Callback] = [
-            tracking.MlflowCallback(run, probe, m.batch_loss_every, m.log_figures, m.log_model, title)
+            tracking.MlflowCallback(run, probe, m.batch_loss_every, figures, weights, title)
         ]
         cbs.append(Progress(_total_iterations(cfg, len(splits.train)), enabled=progress))
         cbs.extend(callbacks)

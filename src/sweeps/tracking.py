@@ -192,6 +192,11 @@ class NullRun:
 
     run_id = None
 
+    def log_figure(self, fig, path: str) -> None:  # noqa: ARG002
+        from sweeps.plots import close
+
+        close(fig)  # pyplot keeps every figure open until closed
+
     def __getattr__(self, name):
         return lambda *args, **kwargs: None
 
