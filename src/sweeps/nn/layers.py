@@ -32,6 +32,11 @@ class Layer:
     def backward(self, dout: np.ndarray) -> np.ndarray:
         return dout
 
+    def backward_params(self, dout: np.ndarray) -> None:
+        """Fill ``grads`` only, for a first layer whose input is data and needs no gradient.
+        Layers whose dx costs a matrix product (Affine, Convolution) skip it here."""
+        self.backward(dout)
+
     def __repr__(self) -> str:
         shapes = ", ".join(f"{k}{tuple(v.shape)}" for k, v in self.params.items())
         return f"{type(self).__name__}({shapes})"
@@ -65,12 +70,14 @@ class Affine(Layer):
             out += self.params["b"]
         return out
 
-    def backward(self, dout):
-        W = self.params["W"]
+    def backward_params(self, dout):
         np.matmul(self.x.T, dout, out=self.grads["W"])  # (D, N) @ (N, M) -> (D, M)
         if "b" in self.grads:
             np.sum(dout, axis=0, out=self.grads["b"])
-        dx = dout @ W.T  # (N, M) @ (M, D) -> (N, D)
+
+    def backward(self, dout):
+        self.backward_params(dout)
+        dx = dout @ self.params["W"].T  # (N, M) @ (M, D) -> (N, D)
         return dx.reshape(self.x_shape)
 
 
@@ -233,25 +240,71 @@ class Convolution(Layer):
         out_w = F.conv_output_size(Wd, FW, self.stride, self.pad)
         self.x_shape = x.shape
         self.col = F.im2col(x, FH, FW, self.stride, self.pad)  # (N*oh*ow, C*FH*FW)
-        out = self.col @ W.reshape(FN, -1).T  # (N*oh*ow, FN)
+        # The book's col @ W.T, computed transposed: (FN, C*FH*FW) @ (C*FH*FW, N*oh*ow) puts
+        # each filter's output maps in one contiguous row, so (N, FN, oh, ow) is a view of it
+        # (channel-major memory) and ReLU, pooling and backward read it without a copy.
+        out = W.reshape(FN, -1) @ self.col.T  # (FN, N*oh*ow)
         if "b" in self.params:
-            out += self.params["b"]
-        return out.reshape(N, out_h, out_w, FN).transpose(0, 3, 1, 2)
+            out += self.params["b"][:, None]
+        return out.reshape(FN, N, out_h, out_w).transpose(1, 0, 2, 3)
+
+    @staticmethod
+    def _rows(dout: np.ndarray) -> np.ndarray:
+        """(N, FN, oh, ow) -> (FN, N*oh*ow); no copy when dout has the forward's layout."""
+        return dout.transpose(1, 0, 2, 3).reshape(dout.shape[1], -1)
+
+    def backward_params(self, dout):
+        dout = self._rows(dout)  # (FN, N*oh*ow)
+        if "b" in self.grads:
+            np.sum(dout, axis=1, out=self.grads["b"])
+        # (FN, N*oh*ow) @ (N*oh*ow, C*FH*FW) -> (FN, C*FH*FW), written straight into dW
+        np.matmul(dout, self.col, out=self.grads["W"].reshape(dout.shape[0], -1))
 
     def backward(self, dout):
+        self.backward_params(dout)
         W = self.params["W"]
         FN, C, FH, FW = W.shape
-        dout = dout.transpose(0, 2, 3, 1).reshape(-1, FN)  # (N*oh*ow, FN)
-        if "b" in self.grads:
-            np.sum(dout, axis=0, out=self.grads["b"])
-        # (FN, N*oh*ow) @ (N*oh*ow, C*FH*FW) -> (FN, C*FH*FW), written straight into dW
-        np.matmul(dout.T, self.col, out=self.grads["W"].reshape(FN, -1))
-        dcol = dout @ W.reshape(FN, -1)  # (N*oh*ow, C*FH*FW)
-        return F.col2im(dcol, self.x_shape, FH, FW, self.stride, self.pad)
+        dcol_t = W.reshape(FN, -1).T @ self._rows(dout)  # (C*FH*FW, N*oh*ow)
+        return F.col2im(dcol_t.T, self.x_shape, FH, FW, self.stride, self.pad)
+
+
+def _first_max(taps: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Elementwise max over equally shaped arrays, and the index of the first array holding
+    it. A later array takes over only where it is strictly greater, so ties go to the first,
+    as with the book's argmax. Plain arithmetic on whole arrays (masked assignment is many
+    times slower in NumPy)."""
+    out = taps[0]
+    arg = np.zeros(out.shape, dtype=np.min_scalar_type(len(taps) - 1))
+    for k, tap in enumerate(taps[1:], 1):
+        # a win for tap k means arg becomes k, larger than any earlier index
+        np.maximum(arg, (tap > out) * arg.dtype.type(k), out=arg)
+        # a new array in C order, whatever the taps' layout (a convolution's output is a
+        # channel-major view), so that Flatten and the backward pass see plain arrays
+        out = np.maximum(out, tap, order="C")
+    return (out.copy() if len(taps) == 1 else out), arg
+
+
+def _route_to_first_max(dout: np.ndarray, arg: np.ndarray, views: list[np.ndarray]) -> None:
+    """Backward of ``_first_max``: views[k] (slices of a zeroed gradient array, one per tap)
+    receives dout where tap k held the max. Disjoint views are written directly; views that
+    overlap (windows wider than their stride) accumulate."""
+    disjoint = not np.shares_memory(views[0], views[-1]) if len(views) > 1 else True
+    for k, view in enumerate(views):
+        if disjoint:
+            np.multiply(dout, arg == k, out=view)
+        else:
+            view += dout * (arg == k)
 
 
 class MaxPooling(Layer):
-    """Max pooling (book 7.4.4). Ties go to the first maximum in the window, as in the book."""
+    """Max pooling (book 7.4.4). Ties go to the first maximum in the window, as in the book.
+
+    The window max is separable: first over the pool_w columns of every row of a window
+    (a max over pool_w strided views of x), then over the pool_h rows of those row maxima.
+    The first maximum in row-major window order is then the first row holding the maximum
+    and the first column within it, so the two argmax arrays route the gradient back. Each
+    pass is a handful of whole-array operations; the loops run over window taps only.
+    """
 
     def __init__(self, pool_h: int = 2, pool_w: int = 2, stride: int = 2, pad: int = 0):
         super().__init__()
@@ -263,31 +316,35 @@ class MaxPooling(Layer):
         self.pool_h, self.pool_w, self.stride, self.pad = pool_h, pool_w, stride, pad
 
     def forward(self, x, train=False):
-        N, C, H, W = x.shape
-        ph, pw = self.pool_h, self.pool_w
+        ph, pw, s = self.pool_h, self.pool_w, self.stride
         self.x_shape = x.shape
         if self.pad:
             # Pad with -inf so padding never wins the max.
             x = np.pad(
                 x, ((0, 0), (0, 0), (self.pad,) * 2, (self.pad,) * 2), constant_values=-np.inf
             )
-        win = F.windows(x, ph, pw, self.stride, 0)  # (N, C, oh, ow, ph, pw)
-        oh, ow = win.shape[2:4]
-        win = win.reshape(N, C, oh, ow, ph * pw)  # copies the windows once
-        self.arg_max = win.argmax(axis=-1)  # (N, C, oh, ow)
-        return np.take_along_axis(win, self.arg_max[..., None], axis=-1)[..., 0]
+        self.x = x  # kept for its shape and memory layout, which dx copies
+        out_h = F.conv_output_size(x.shape[2], ph, s, 0)
+        out_w = F.conv_output_size(x.shape[3], pw, s, 0)
+        # (N, C, Hp, Wp) -> (N, C, Hp, ow): the max along each window row, for every row
+        rows, self.arg_w = _first_max([x[..., kx : kx + s * out_w : s] for kx in range(pw)])
+        # (N, C, Hp, ow) -> (N, C, oh, ow): the max over the window's rows
+        out, self.arg_h = _first_max([rows[:, :, ky : ky + s * out_h : s] for ky in range(ph)])
+        return out
 
     def backward(self, dout):
-        N, C, H, W = self.x_shape
         ph, pw, s, p = self.pool_h, self.pool_w, self.stride, self.pad
+        N, C, Hp, Wp = self.x.shape
         oh, ow = dout.shape[2:]
-        dx = np.zeros((N, C, H + 2 * p, W + 2 * p), dtype=dout.dtype)
-        # Loop over the ph*pw window taps; each adds dout where that tap held the max.
-        for k in range(ph * pw):
-            ky, kx = divmod(k, pw)
-            dx[:, :, ky : ky + s * oh : s, kx : kx + s * ow : s] += np.where(
-                self.arg_max == k, dout, 0
-            )
+        # dout to the winning row of each window: (N, C, oh, ow) -> (N, C, Hp, ow)
+        drows = np.zeros((N, C, Hp, ow), dtype=dout.dtype)
+        _route_to_first_max(
+            dout, self.arg_h, [drows[:, :, ky : ky + s * oh : s] for ky in range(ph)]
+        )
+        # then to the winning column of that row: (N, C, Hp, ow) -> (N, C, Hp, Wp)
+        dx = np.zeros_like(self.x, dtype=dout.dtype)
+        _route_to_first_max(drows, self.arg_w, [dx[..., kx : kx + s * ow : s] for kx in range(pw)])
+        H, W = self.x_shape[2:]
         return dx[:, :, p : H + p, p : W + p]
 
 

@@ -106,8 +106,10 @@ class Sequential:
     def backward(self) -> None:
         """Fill ``grads`` from the last ``loss`` call."""
         dout = self.loss_layer.backward()
-        for layer in reversed(self.layers):
+        for layer in reversed(self.layers[1:]):
             dout = layer.backward(dout)
+        # The input is data: no gradient for it, which saves the first layer's dx product.
+        self.layers[0].backward_params(dout)
 
     def gradient(self, x: np.ndarray, t: np.ndarray) -> float:
         """Loss (training mode) and backprop in one call; returns the loss."""

@@ -1,0 +1,454 @@
+"""``python -m sweeps.optuna_search [overrides]``: the book's hyperparameter search, driven by
+Optuna 5 over the same configs as ``python -m sweeps.run``.
+
+    python -m sweeps.optuna_search search=book
+    python -m sweeps.optuna_search search=book study_name=book-2 n_workers=2
+    python -m sweeps.optuna_search search=optimizers pruner=median trainer.epochs=5
+    python -m sweeps.optuna_search search=book storage=postgresql://user:pw@db/optuna \\
+        mlflow.tracking_uri=http://mlflow:5000          # the same command on every machine
+
+Overrides whose key belongs to the search's root config (conf/search_config.yaml: ``search``,
+``study_name``, ``storage``, ``n_workers``, ``sampler_seed``, ``max_failures``, ``pruner``,
+``mlflow``, ``trial``, ...) configure the search; every other override (``trainer.epochs=5``,
+``data=synthetic``, ``seed=1``) is appended to each trial's overrides. ``pruner=median`` is
+short for ``pruner.name=median``. Rerunning the same command resumes the study and runs only
+what is left of its budget.
+
+Hydra stops here: below, ``sweeps.search`` takes typed dataclasses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from omegaconf import open_dict
+
+from sweeps import search as S
+from sweeps import tracking
+
+log = logging.getLogger("sweeps.optuna_search")
+
+ROOT_KEYS = {f.name for f in dataclasses.fields(S.SearchConfig)}
+EXIT_FAILURES, EXIT_INTERRUPTED = 3, 130
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(overrides of the search's root config, overrides appended to every trial)."""
+    root: list[str] = []
+    trial: list[str] = []
+    for a in argv:
+        key = a.split("=", 1)[0].lstrip("+~")
+        head = key.split(".", 1)[0]
+        if key == "pruner" and "=" in a:
+            root.append("pruner.name=" + a.split("=", 1)[1])
+        elif head in ROOT_KEYS:
+            root.append(a)
+        else:
+            trial.append(a)
+    return root, trial
+
+
+def load_config(argv: Sequence[str]) -> S.SearchConfig:
+    """Compose conf/search_config.yaml with the overrides and validate it."""
+    root, trial = split_overrides(argv)
+    dcfg = S.compose_search(root)
+    if trial:
+        with open_dict(dcfg):
+            dcfg.trial.overrides = [*dcfg.trial.overrides, *trial]
+    return S.validate_search(dcfg)
+
+
+# -- progress --------------------------------------------------------------------------------
+
+
+class StudyProgress:
+    """Trials counted/pruned/failed, the best value so far and the elapsed time: a tqdm bar
+    on a terminal, a log line per change otherwise."""
+
+    def __init__(self, search: S.Search, enabled: bool = True) -> None:
+        self.search = search
+        self.total = search.cfg.total_trials
+        self.start = time.monotonic()
+        self.bar = None
+        self._last: tuple | None = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, unit="trial", dynamic_ncols=True)
+
+    def update(self) -> None:
+        trials = self.search.study.get_trials(deepcopy=False)
+        t = S.tally(trials)
+        best = S.best_value(trials, self.search.maximize)
+        state = (t.counted, t.pruned, t.failed, t.running, best)
+        if state == self._last:
+            return
+        self._last = state
+        best_text = f"{best:.4f}" if best is not None else "-"
+        elapsed = time.monotonic() - self.start
+        if self.bar is not None:
+            self.bar.n = min(t.counted, self.total)
+            self.bar.set_postfix(
+                pruned=t.pruned, failed=t.failed, running=t.running, best=best_text, refresh=False
+            )
+            self.bar.refresh()
+        else:
+            log.info(
+                "trials %d/%d | complete %d, pruned %d, failed %d, running %d | best %s %s | %.0fs",
+                t.counted,
+                self.total,
+                t.complete,
+                t.pruned,
+                t.failed,
+                t.running,
+                self.search.space.metric,
+                best_text,
+                elapsed,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# -- workers ---------------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """In a worker: get SIGTERM when the launcher dies, so no worker outlives it."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def blas_threads(n_workers: int) -> int:
+    cores = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    )
+    return max(1, cores // n_workers)
+
+
+def run_workers(cfg: S.SearchConfig, argv: Sequence[str], progress: StudyProgress) -> list[int]:
+    """Start n_workers processes running this same command as workers; wait for them."""
+    threads = str(blas_threads(cfg.n_workers))
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS"):
+        env[var] = threads
+    base = [a for a in argv if a.split("=", 1)[0].lstrip("+~") not in ("worker", "progress")]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "sweeps.optuna_search", *base, f"worker={i}", "progress=false"],
+            env=env,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
+        for i in range(cfg.n_workers)
+    ]
+    log.info(
+        "started %d workers (pids %s), %s BLAS thread(s) each",
+        len(procs),
+        [p.pid for p in procs],
+        threads,
+    )
+    try:
+        while any(p.poll() is None for p in procs):
+            progress.update()
+            time.sleep(cfg.poll_interval)
+    except KeyboardInterrupt as e:
+        sig = signal.SIGTERM if isinstance(e, tracking.Terminated) else signal.SIGINT
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(sig)
+        deadline = time.monotonic() + 60
+        for p in procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        raise
+    progress.update()
+    return [p.returncode for p in procs]
+
+
+def worker_main(cfg: S.SearchConfig) -> int:
+    from threadpoolctl import threadpool_limits
+
+    search = S.Search(cfg, worker=cfg.worker or 0)
+    parent = search.parent_run_id()
+    with threadpool_limits(limits=blas_threads(cfg.n_workers)), tracking.sigterm_as_interrupt():
+        try:
+            search.work(parent)
+        except S.SearchError as e:
+            log.error("%s", e)
+            return EXIT_FAILURES
+        except KeyboardInterrupt:
+            log.warning("worker %s interrupted; its trial is marked FAIL (not counted)", cfg.worker)
+            return EXIT_INTERRUPTED
+    return 0
+
+
+# -- the launcher ----------------------------------------------------------------------------
+
+
+def wal_mode(tracking_uri: str) -> None:
+    """Put a local SQLite MLflow store in WAL mode: readers no longer block the writer, so
+    several workers logging at once do not hit 'database is locked' (MLflow itself waits up
+    to 20 s for the write lock)."""
+    path = S.sqlite_path(tracking_uri)
+    if path is None or not path.exists():
+        return
+    with sqlite3.connect(path, timeout=60) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+
+
+def evaluate_best(search: S.Search, report: S.Report, parent: str | None) -> dict | None:
+    """Train the best configuration once more and evaluate it on the test set, once per study
+    (claimed in the study's user attrs, so one launcher of many does it)."""
+    from sweeps.run import execute
+
+    best = report.best
+    if best is None or S.OVERRIDES not in best.user_attrs:
+        return None
+    with search.lock():
+        claim = search.study.user_attrs.get(S.BEST_TEST)
+        if claim and claim.get("trial") == best.number:
+            if claim.get("done"):
+                return claim
+            mine = claim.get("pid") == search.pid and claim.get("host") == search.host
+            if not mine and (
+                claim.get("host") != search.host
+                or S.process_alive(claim["pid"], claim.get("pid_start", ""))
+            ):
+                log.info("another process evaluates trial %d on the test set", best.number)
+                return None
+        search.study.set_user_attr(
+            S.BEST_TEST,
+            {
+                "trial": best.number,
+                "host": search.host,
+                "pid": search.pid,
+                "pid_start": search.pid_start,
+                "done": False,
+            },
+        )
+    overrides = S.merge_overrides(
+        best.user_attrs[S.OVERRIDES], [f"mlflow.run_name={search.name}-best-test"]
+    )
+    cfg, resolved, choices = S.compose_trial(overrides)
+    tags = {"study": search.name, "sweeps.role": "best-test", "best_trial_number": best.number}
+    outcome = execute(
+        cfg,
+        resolved,
+        overrides,
+        choices=choices,
+        extra_tags=tags,
+        parent_run_id=parent,
+        evaluate_test=True,
+        progress=False,
+    )
+    result = {
+        "trial": best.number,
+        "done": True,
+        "value": best.value,
+        "retrained_value": outcome.history.last(search.space.metric),
+        "test_acc": outcome.test.get("test/acc"),
+        "test_loss": outcome.test.get("test/loss"),
+        "run_id": outcome.run_id,
+    }
+    with search.lock():
+        search.study.set_user_attr(S.BEST_TEST, result)
+    return result
+
+
+def log_results(
+    search: S.Search, parent: str | None, report: S.Report, best_test: dict | None, elapsed: float
+) -> None:
+    """Metrics, the report, the trials table, the ranges and Optuna's plots on the parent run."""
+    if parent is None:
+        return
+    client = search.client()
+    run = tracking.Run(client, parent)
+    key = search.space.metric.replace("/", "_")
+    t = report.tally
+    metrics = {
+        "trials/counted": t.counted,
+        "trials/complete": t.complete,
+        "trials/pruned": t.pruned,
+        "trials/failed": t.failed,
+        "trials/interrupted": t.interrupted,
+        "trials/stale": t.stale,
+        "trials/duplicate": t.duplicate,
+        "time/launcher_s": elapsed,
+    }
+    if report.best is not None:
+        metrics[f"best/{key}"] = report.best.value
+        metrics["best/trial_number"] = report.best.number
+    if best_test:
+        for name in ("test_acc", "test_loss", "retrained_value"):
+            if best_test.get(name) is not None:
+                metrics[f"best/{name}"] = best_test[name]
+    try:
+        run.log_metrics(metrics)
+        for rr in report.rounds:
+            if rr.best_value is not None:
+                run.log_metrics(
+                    {f"round/best_{key}": rr.best_value, "round/counted": rr.tally.counted},
+                    step=rr.round,
+                )
+        run.set_tags(
+            {
+                "best_trial": report.best.number if report.best else "-",
+                "complete": str(report.complete).lower(),
+            }
+        )
+        run.log_text(report.text(search.cfg.report_top) + "\n", "search/report.txt")
+        ranges = {f"r{rr.round}": rr.ranges for rr in report.rounds if rr.ranges is not None}
+        run.log_text(json.dumps(ranges, indent=2) + "\n", "search/ranges.json")
+        if best_test:
+            run.log_text(json.dumps(best_test, indent=2) + "\n", "search/best_test.json")
+        run.log_text(search.study.trials_dataframe().to_csv(index=False), "search/trials.csv")
+        for name, fig in S.study_figures(search).items():
+            run.log_figure(fig, f"plots/{name}.png")
+    except Exception as e:
+        log.warning("could not log the results to the parent run: %s", e)
+
+
+def launch(cfg: S.SearchConfig, argv: Sequence[str]) -> int:
+    start = time.monotonic()
+    search = S.Search(cfg)
+    resumed = search.check_spec()
+    search.preflight()
+    parent = search.ensure_parent_run()
+    if parent is not None and cfg.n_workers > 1:
+        wal_mode(cfg.mlflow.tracking_uri)
+    with search.lock():
+        search.fail_stale()
+    search.reconcile_runs()
+    before = S.tally(search.study.get_trials(deepcopy=False))
+    storage = S.redact(search.storage_spec)
+    verb = "resuming" if resumed else "starting"
+    print(
+        f"{verb} study {search.name!r} ({cfg.search.name}) in {storage}: "
+        f"{before.counted}/{cfg.total_trials} "
+        f"trials counted; {cfg.n_workers} worker(s); rounds "
+        + ", ".join(f"{r.n_trials}x{r.sampler}" for r in cfg.search.rounds),
+        flush=True,
+    )
+    print(
+        "round 1 ranges: "
+        + S.format_ranges(cfg.search, {k: (b.low, b.high) for k, b in search.bounds.items()}),
+        flush=True,
+    )
+    if parent is not None:
+        print(
+            f"MLflow parent run {parent}: {tracking.ui_command(cfg.mlflow.tracking_uri)}",
+            flush=True,
+        )
+
+    progress = StudyProgress(search, cfg.progress)
+    code, status, message = 0, "FINISHED", ""
+    with tracking.sigterm_as_interrupt():
+        try:
+            if cfg.n_workers == 1:
+                search.work(parent, on_trial=progress.update)
+            else:
+                codes = run_workers(cfg, argv, progress)
+                if EXIT_FAILURES in codes:
+                    raise S.SearchError(
+                        search.failure_limit_reason() or "a worker hit the failure limit"
+                    )
+                if any(c not in (0,) for c in codes):
+                    log.warning("worker exit codes: %s", codes)
+        except S.SearchError as e:
+            code, status, message = 1, "FAILED", f"search stopped: {e}"
+        except KeyboardInterrupt as e:
+            code, status = EXIT_INTERRUPTED, "KILLED"
+            message = (
+                f"interrupted ({e or 'Ctrl-C'}); running trials are marked FAIL and their runs "
+                "KILLED; rerun the same command to resume"
+            )
+    progress.close()
+    with S._signals_ignored():
+        with search.lock():
+            search.fail_stale()
+        search.reconcile_runs()
+        report = search.report()
+    print("\n" + report.text(cfg.report_top), flush=True)
+    best_test = None
+    if code == 0 and report.complete and cfg.evaluate_best and report.best is not None:
+        try:
+            best_test = evaluate_best(search, report, parent)
+        except KeyboardInterrupt:
+            code, status, message = (
+                EXIT_INTERRUPTED,
+                "KILLED",
+                "interrupted while evaluating the best configuration",
+            )
+        if best_test and best_test.get("test_acc") is not None:
+            print(
+                f"best configuration (trial {best_test['trial']}, {search.space.metric} "
+                f"{best_test['value']:.4f}, "
+                f"retrained {best_test['retrained_value']:.4f}): test acc "
+                f"{best_test['test_acc']:.4f} "
+                "(reported once, never used for selection)",
+                flush=True,
+            )
+    if code == 0 and not report.complete:
+        code, status = 1, "FAILED"
+        message = (
+            "the study is not complete (did a worker crash?); rerun the same command to resume"
+        )
+    elapsed = time.monotonic() - start
+    log_results(search, parent, report, best_test, elapsed)
+    if parent is not None:
+        try:
+            search.client().set_terminated(parent, status=status)
+        except Exception as e:
+            log.warning("could not end the parent run: %s", e)
+    if message:
+        print(message, file=sys.stderr, flush=True)
+    print(f"wall time {elapsed:.1f}s", flush=True)
+    return code
+
+
+USAGE = __doc__.split("Hydra stops here")[0]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE + "search spaces: " + ", ".join(S.search_spaces()))
+        return 0
+    try:
+        cfg = load_config(argv)
+    except Exception as e:  # a bad override or value: one clear line, no traceback
+        print(f"error: invalid search config: {e}", file=sys.stderr)
+        return 2
+    worker = cfg.worker is not None
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s {f'[w{cfg.worker}] ' if worker else ''}%(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    logging.getLogger("sweeps.run").setLevel(logging.WARNING)  # per-epoch lines of each trial
+    try:
+        if worker:
+            return worker_main(cfg)
+        return launch(cfg, argv)
+    except S.SearchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1706 @@
+"""Optuna search over the run configs: spaces, narrowing rounds, pruning, storage, workers.
+
+The book's protocol (6.5): sample widely on a log scale, train briefly, score on the
+validation split, narrow the ranges to where the good trials are, repeat. Here:
+
+- A search space is a config (``conf/search/<name>.yaml``, schema ``SearchSpaceConf``): Optuna
+  parameter names mapped to config override keys, base overrides, the metric, and rounds.
+- One Optuna study holds every round; each trial carries a ``round`` user attr. Round 1 samples
+  over the configured ranges (RandomSampler, seeded); round r > 1 samples in ranges narrowed by
+  ``narrow_ranges`` (a pure function) from the complete trials of rounds < r. The ranges of a
+  round are computed once, by the first worker that opens the round, and stored in the study's
+  user attrs, so every worker and every resume use the same ones. Trials of different rounds
+  have different distributions for the same parameter: TPE builds its estimators from the
+  values (observations outside the narrowed range are truncated away), and plots and
+  importances use a copy of the trials with the original distributions (``original_view``).
+- Every decision that must be exact across processes (is there budget left in this round?
+  which ranges? is this parameter set new?) is taken under a per-study lock: an exclusive
+  file lock for a journal or SQLite storage, ``pg_advisory_lock`` for PostgreSQL. Inside the
+  lock a worker fails stale trials, counts, asks Optuna for a trial, samples its parameters,
+  checks them for duplicates and records its own pid and host on the trial.
+- Budget: a round is done when ``n_trials`` of its trials are COMPLETE, PRUNED, or FAIL by the
+  trial itself (an exception, divergence, an invalid config: user attr ``outcome=failed``).
+  Trials that FAIL because their worker was interrupted or died (``outcome`` interrupted or
+  stale, or no ``outcome`` when Optuna's heartbeat failed them) and rejected duplicates
+  (``outcome=duplicate``) do not count: their slot is run again.
+- A trial is exactly ``python -m sweeps.run <its overrides>``: its config is composed from the
+  same ``conf/`` with Hydra's Compose API and run by ``sweeps.run.execute`` with the study's
+  parent MLflow run as parent, never evaluating the test set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import signal
+import socket
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
+
+from sweeps.config import GROUPS, MlflowConf, conf_dir, register_schemas
+from sweeps.train import Callback
+
+log = logging.getLogger("sweeps.search")
+
+PARAM_TYPES = ("float", "int", "categorical")
+SAMPLERS = ("random", "tpe", "qmc")
+PRUNERS = ("none", "median", "hyperband")
+DIRECTIONS = ("maximize", "minimize")
+DEFAULT_JOURNAL = "mlruns/optuna/journal.log"
+STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+# Trial user attrs written by this module.
+ROUND, OUTCOME, REASON = "round", "outcome", "fail_reason"
+HOST, PID, PID_START, WORKER = "worker_host", "worker_pid", "worker_started", "worker"
+OVERRIDES, RUN_ID, DUPLICATE_OF = "overrides", "mlflow_run_id", "duplicate_of"
+# Study user attrs.
+SPEC, PARENT_RUN, PARENT_URI, BEST_TEST = (
+    "sweeps.spec",
+    "sweeps.mlflow_parent_run_id",
+    "sweeps.mlflow_tracking_uri",
+    "sweeps.best_test",
+)
+
+
+def ranges_attr(r: int) -> str:
+    return f"sweeps.ranges.r{r}"
+
+
+def exhausted_attr(r: int) -> str:
+    return f"sweeps.exhausted.r{r}"
+
+
+class SearchError(RuntimeError):
+    """The search cannot go on (bad config, incompatible study, failure limit)."""
+
+
+# -- schemas ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ParamConf:
+    """One searched parameter. ``key``: the config override key it sets (default: its name),
+    e.g. ``optimizer.lr`` or a group such as ``optimizer``. ``type``: float | int |
+    categorical (default: categorical when ``choices`` is given, else float). ``when``: only
+    sample it when earlier categorical parameters have these values (``{optimizer: sgd}`` or
+    ``{optimizer: [momentum, nesterov]}``). A string choice is pasted into the override as is,
+    so ``"[100,100]"`` sets a list. ``label``: its name in the book-style listing."""
+
+    key: str | None = None
+    type: str | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: list[Any] | None = None
+    when: dict[str, Any] = field(default_factory=dict)
+    label: str | None = None
+
+
+@dataclass
+class RoundConf:
+    n_trials: int = MISSING
+    sampler: str = "tpe"
+
+
+@dataclass
+class NarrowConf:
+    """Between rounds each numeric range shrinks to the span of the best trials of the rounds
+    so far (``top_k`` trials, or else the best ``top_fraction`` of them, at least one), widened
+    on each side by ``margin`` times the original width (in log10 space for log parameters),
+    and clipped to the original bounds."""
+
+    top_k: int | None = None
+    top_fraction: float = 0.2
+    margin: float = 0.05
+
+
+@dataclass
+class TPEConf:
+    """TPE settings, all explicit: Optuna 5 changed the defaults (multivariate, constant liar)."""
+
+    n_startup_trials: int = 10
+    multivariate: bool = True
+    group: bool = True
+    constant_liar: bool = True
+
+
+@dataclass
+class SearchSpaceConf:
+    name: str = MISSING
+    description: str = ""
+    metric: str = "val/acc"
+    direction: str = "maximize"
+    base_overrides: list[str] = field(default_factory=list)
+    params: dict[str, ParamConf] = field(default_factory=dict)
+    rounds: list[RoundConf] = field(default_factory=list)
+    narrow: NarrowConf = field(default_factory=NarrowConf)
+    tpe: TPEConf = field(default_factory=TPEConf)
+
+    def __post_init__(self) -> None:
+        if self.direction not in DIRECTIONS:
+            raise ValueError(
+                f"unknown search.direction {self.direction!r}; choose from {list(DIRECTIONS)}"
+            )
+        if not self.params:
+            raise ValueError("search.params is empty: name at least one parameter to search")
+        if not self.rounds:
+            raise ValueError(
+                "search.rounds is empty: give at least one round, e.g. "
+                "[{n_trials: 20, sampler: random}]"
+            )
+        for i, r in enumerate(self.rounds, 1):
+            if not (isinstance(r.n_trials, int) and r.n_trials >= 1):
+                raise ValueError(
+                    f"search.rounds[{i}].n_trials must be an integer >= 1, got {r.n_trials!r}"
+                )
+            if r.sampler not in SAMPLERS:
+                raise ValueError(
+                    f"unknown search.rounds[{i}].sampler {r.sampler!r}; choose from "
+                    f"{list(SAMPLERS)}"
+                )
+        n = self.narrow
+        if n.top_k is not None and n.top_k < 1:
+            raise ValueError(f"search.narrow.top_k must be null or >= 1, got {n.top_k!r}")
+        if not 0.0 < n.top_fraction <= 1.0:
+            raise ValueError(
+                f"search.narrow.top_fraction must be in (0, 1], got {n.top_fraction!r}"
+            )
+        if not n.margin >= 0.0:
+            raise ValueError(f"search.narrow.margin must be >= 0, got {n.margin!r}")
+        if self.tpe.n_startup_trials < 0:
+            raise ValueError(
+                f"search.tpe.n_startup_trials must be >= 0, got {self.tpe.n_startup_trials!r}"
+            )
+        if self.tpe.group and not self.tpe.multivariate:
+            raise ValueError("search.tpe.group=true needs search.tpe.multivariate=true")
+        for o in self.base_overrides:
+            _override_key(o)  # raises on a malformed override
+        seen: dict[str, ParamConf] = {}
+        for name, p in self.params.items():
+            _check_param(name, p, seen)
+            seen[name] = p
+        keys = [p.key for p in self.params.values() if not p.when]
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        if dup:
+            raise ValueError(
+                f"search.params: override key(s) {dup} set by more than one unconditional parameter"
+            )
+
+
+def _check_param(name: str, p: ParamConf, earlier: Mapping[str, ParamConf]) -> None:
+    where = f"search.params.{name}"
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.\-]*", name):
+        raise ValueError(f"{where}: invalid parameter name {name!r}")
+    p.key = p.key or name
+    p.label = p.label or name
+    if p.type is None:
+        p.type = "categorical" if p.choices is not None else "float"
+    if p.type not in PARAM_TYPES:
+        raise ValueError(f"{where}.type: unknown type {p.type!r}; choose from {list(PARAM_TYPES)}")
+    if p.type == "categorical":
+        if not p.choices:
+            raise ValueError(
+                f"{where}.choices must be a non-empty list for a categorical parameter, got "
+                f"{p.choices!r}"
+            )
+        for c in p.choices:
+            if c is not None and not isinstance(c, bool | int | float | str):
+                raise ValueError(
+                    f"{where}.choices: {c!r} is not a scalar (write a list value as a string: "
+                    '"[100,100]")'
+                )
+        if p.low is not None or p.high is not None or p.log:
+            raise ValueError(f"{where}: a categorical parameter takes choices, not low/high/log")
+    else:
+        if p.choices is not None:
+            raise ValueError(
+                f"{where}: choices given for a {p.type} parameter; drop them or set type: "
+                "categorical"
+            )
+        if p.low is None or p.high is None:
+            raise ValueError(
+                f"{where}: a {p.type} parameter needs low and high, got low={p.low!r} "
+                f"high={p.high!r}"
+            )
+        if not (math.isfinite(p.low) and math.isfinite(p.high)) or p.low > p.high:
+            raise ValueError(f"{where}: need finite low <= high, got low={p.low!r} high={p.high!r}")
+        if p.log and p.low <= 0:
+            raise ValueError(f"{where}.low must be > 0 on a log scale, got {p.low!r}")
+        if p.type == "int" and (p.low != int(p.low) or p.high != int(p.high)):
+            raise ValueError(
+                f"{where}: an int parameter needs integer bounds, got low={p.low!r} high={p.high!r}"
+            )
+    for cond, allowed in p.when.items():
+        parent = earlier.get(cond)
+        if parent is None or parent.type != "categorical":
+            raise ValueError(
+                f"{where}.when: {cond!r} must name a categorical parameter listed before {name!r}; "
+                f"earlier ones: {[k for k, v in earlier.items() if v.type == 'categorical']}"
+            )
+        for value in allowed if isinstance(allowed, list | tuple) else [allowed]:
+            if value not in parent.choices:
+                raise ValueError(
+                    f"{where}.when: {cond}={value!r} is not one of its choices "
+                    f"{list(parent.choices)}"
+                )
+
+
+@dataclass
+class PrunerConf:
+    """``none`` | ``median`` (MedianPruner: n_startup_trials, n_warmup_steps, interval_steps) |
+    ``hyperband`` (HyperbandPruner: min_resource, max_resource (null: trainer.epochs of the
+    trials, 'auto'), reduction_factor). Steps are epochs."""
+
+    name: str = "none"
+    n_startup_trials: int = 5
+    n_warmup_steps: int = 0
+    interval_steps: int = 1
+    min_resource: int = 1
+    max_resource: int | None = None
+    reduction_factor: int = 3
+
+    def __post_init__(self) -> None:
+        if self.name not in PRUNERS:
+            raise ValueError(f"unknown pruner {self.name!r}; choose from {list(PRUNERS)}")
+        for key in ("n_startup_trials", "n_warmup_steps"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"pruner.{key} must be >= 0, got {getattr(self, key)!r}")
+        for key in ("interval_steps", "min_resource"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"pruner.{key} must be >= 1, got {getattr(self, key)!r}")
+        if self.reduction_factor < 2:
+            raise ValueError(f"pruner.reduction_factor must be >= 2, got {self.reduction_factor!r}")
+
+
+@dataclass
+class TrialConf:
+    """``overrides``: extra config overrides for every trial, after the search's base
+    overrides (e.g. ``[trainer.epochs=5]``). Overrides on the command line whose key is not a
+    key of this root config are appended here too."""
+
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SearchConfig:
+    """The root config of ``python -m sweeps.optuna_search`` (conf/search_config.yaml)."""
+
+    search: Any = MISSING
+    study_name: str | None = None
+    storage: str | None = None
+    n_workers: int = 1
+    sampler_seed: int = 0
+    max_failures: int | None = 10
+    dedup: bool = True
+    dedup_attempts: int = 20
+    heartbeat_interval: int = 20
+    grace_period: int = 60
+    poll_interval: float = 1.0
+    report_top: int = 20
+    evaluate_best: bool = True
+    progress: bool = True
+    pruner: PrunerConf = field(default_factory=PrunerConf)
+    trial: TrialConf = field(default_factory=TrialConf)
+    mlflow: MlflowConf = field(default_factory=MlflowConf)
+    worker: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.study_name is not None and not STUDY_NAME.match(self.study_name):
+            raise ValueError(f"study_name must match {STUDY_NAME.pattern}, got {self.study_name!r}")
+        if self.n_workers < 1:
+            raise ValueError(f"n_workers must be >= 1, got {self.n_workers!r}")
+        if self.sampler_seed < 0:
+            raise ValueError(f"sampler_seed must be >= 0, got {self.sampler_seed!r}")
+        if self.max_failures is not None and self.max_failures < 1:
+            raise ValueError(
+                f"max_failures must be null (no limit) or >= 1, got {self.max_failures!r}"
+            )
+        for key in ("dedup_attempts", "heartbeat_interval", "report_top"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)!r}")
+        if self.grace_period <= self.heartbeat_interval:
+            raise ValueError(
+                f"grace_period ({self.grace_period}) must exceed heartbeat_interval "
+                f"({self.heartbeat_interval})"
+            )
+        if not self.poll_interval > 0:
+            raise ValueError(f"poll_interval must be > 0, got {self.poll_interval!r}")
+        for o in self.trial.overrides:
+            _override_key(o)
+        searched = {p.key for p in self.search.params.values()}
+        clash = sorted(searched & {_override_key(o) for o in self.trial.overrides})
+        if clash:
+            raise ValueError(
+                f"trial overrides set {clash}, which the search space samples; drop them"
+            )
+        if self.study_name is None:
+            self.study_name = self.search.name
+
+    @property
+    def total_trials(self) -> int:
+        return sum(r.n_trials for r in self.search.rounds)
+
+
+def register_search_schemas() -> None:
+    """Store the search schemas in Hydra's ConfigStore (idempotent), beside the run schemas."""
+    register_schemas()
+    cs = ConfigStore.instance()
+    cs.store(name="search_schema", node=SearchConfig)
+    cs.store(group="schema/search", name="space", node=SearchSpaceConf)
+
+
+def compose_search(overrides: Sequence[str] = ()) -> DictConfig:
+    """The composed root search config (conf/search_config.yaml + overrides)."""
+    from hydra import compose, initialize_config_dir
+
+    register_search_schemas()
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        return compose("search_config", overrides=list(overrides))
+
+
+def validate_search(dcfg: DictConfig) -> SearchConfig:
+    """Typed SearchConfig from a composed config; ValueError naming the bad key and value."""
+    try:
+        obj = OmegaConf.to_object(dcfg)
+    except Exception as e:  # OmegaConf wraps errors raised in __post_init__
+        seen: BaseException | None = e
+        while seen is not None:
+            if isinstance(seen, ValueError) and not type(seen).__module__.startswith("omegaconf"):
+                raise ValueError(str(seen)) from None
+            seen = seen.__cause__ or seen.__context__
+        raise
+    assert isinstance(obj, SearchConfig)
+    return obj
+
+
+def search_spaces() -> list[str]:
+    return sorted(p.stem for p in (conf_dir() / "search").glob("*.yaml"))
+
+
+# -- overrides -------------------------------------------------------------------------------
+
+
+def _override_key(override: str) -> str:
+    if "=" not in override:
+        raise ValueError(f"override {override!r} is not of the form key=value")
+    key = override.split("=", 1)[0].lstrip("+~")
+    if not key:
+        raise ValueError(f"override {override!r} has an empty key")
+    return key
+
+
+def merge_overrides(*lists: Sequence[str]) -> list[str]:
+    """Concatenate override lists; a later override of the same key replaces an earlier one
+    (Hydra rejects two values for one group)."""
+    merged: dict[str, str] = {}
+    for overrides in lists:
+        for o in overrides:
+            key = _override_key(o)
+            merged.pop(key, None)
+            merged[key] = o
+    return list(merged.values())
+
+
+def hydra_value(value: Any) -> str:
+    """A sampled value as Hydra override text. Strings are pasted as is (choices are
+    written by the search config's author: ``off``, ``adam``, ``[100,100]``)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def quoted(value: Any) -> str:
+    """A config value (not a search choice) as override text, quoted when needed."""
+    if not isinstance(value, str):
+        return hydra_value(value)
+    if re.fullmatch(r"[A-Za-z_][\w./:\-]*", value) and value.lower() not in (
+        "null",
+        "true",
+        "false",
+        "nan",
+        "inf",
+    ):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def param_overrides(space: SearchSpaceConf, values: Mapping[str, Any]) -> list[str]:
+    return [f"{space.params[name].key}={hydra_value(v)}" for name, v in values.items()]
+
+
+def mlflow_overrides(m: MlflowConf) -> list[str]:
+    return [f"mlflow.{k}={quoted(v)}" for k, v in asdict(m).items()]
+
+
+# -- sampling --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bounds:
+    low: float
+    high: float
+    log: bool = False
+    integer: bool = False
+
+
+def original_bounds(space: SearchSpaceConf) -> dict[str, Bounds]:
+    return {
+        name: Bounds(float(p.low), float(p.high), p.log, p.type == "int")
+        for name, p in space.params.items()
+        if p.type != "categorical"
+    }
+
+
+def is_active(p: ParamConf, values: Mapping[str, Any]) -> bool:
+    for cond, allowed in p.when.items():
+        if cond not in values:
+            return False
+        options = allowed if isinstance(allowed, list | tuple) else [allowed]
+        if values[cond] not in options:
+            return False
+    return True
+
+
+def suggest(trial, space: SearchSpaceConf, ranges: Mapping[str, Sequence[float]]) -> dict[str, Any]:
+    """Sample the active parameters, in order, within ``ranges`` (numeric params)."""
+    values: dict[str, Any] = {}
+    for name, p in space.params.items():
+        if not is_active(p, values):
+            continue
+        if p.type == "categorical":
+            values[name] = trial.suggest_categorical(name, list(p.choices))
+        elif p.type == "int":
+            lo, hi = ranges[name]
+            values[name] = trial.suggest_int(name, int(lo), int(hi), log=p.log)
+        else:
+            lo, hi = ranges[name]
+            values[name] = trial.suggest_float(name, float(lo), float(hi), log=p.log)
+    return values
+
+
+# -- narrowing -------------------------------------------------------------------------------
+
+
+def top_trials(
+    trials: Sequence[tuple[Mapping[str, Any], float]],
+    *,
+    maximize: bool,
+    top_k: int | None = None,
+    top_fraction: float = 0.2,
+) -> list[tuple[Mapping[str, Any], float]]:
+    """The best trials (finite values only): ``top_k`` of them, or else the best
+    ``ceil(top_fraction * n)`` (at least one)."""
+    finite = [t for t in trials if t[1] is not None and math.isfinite(t[1])]
+    ranked = sorted(finite, key=lambda t: t[1], reverse=maximize)
+    k = top_k if top_k is not None else max(1, math.ceil(top_fraction * len(ranked)))
+    return ranked[:k]
+
+
+def narrow_ranges(
+    bounds: Mapping[str, Bounds],
+    trials: Sequence[tuple[Mapping[str, Any], float]],
+    *,
+    maximize: bool,
+    top_k: int | None = None,
+    top_fraction: float = 0.2,
+    margin: float = 0.05,
+) -> dict[str, tuple[float, float]]:
+    """The next round's range of each numeric parameter.
+
+    For each parameter, among the trials where it was sampled (conditional parameters are
+    ranked within their own trials), take the best ones (``top_trials``); the new range is
+    their span widened on each side by ``margin`` times the original width, in log10 space
+    for log parameters, and clipped to the original bounds; int parameters round outwards.
+    A parameter no trial sampled keeps its original range. Pure: same input, same output.
+    """
+    out: dict[str, tuple[float, float]] = {}
+    for name, b in bounds.items():
+        have = [(params, value) for params, value in trials if name in params]
+        best = top_trials(have, maximize=maximize, top_k=top_k, top_fraction=top_fraction)
+        if not best:
+            out[name] = (b.low, b.high)
+            continue
+        fwd = math.log10 if b.log else float
+        lo0, hi0 = fwd(b.low), fwd(b.high)
+        points = [fwd(params[name]) for params, _ in best]
+        pad = margin * (hi0 - lo0)
+        lo_t, hi_t = min(points) - pad, max(points) + pad
+        low = b.low if lo_t <= lo0 else (10.0**lo_t if b.log else lo_t)
+        high = b.high if hi_t >= hi0 else (10.0**hi_t if b.log else hi_t)
+        low, high = max(low, b.low), min(high, b.high)
+        if b.integer:
+            low, high = float(math.floor(low)), float(math.ceil(high))
+        out[name] = (low, high)
+    return out
+
+
+def format_ranges(space: SearchSpaceConf, ranges: Mapping[str, Sequence[float]]) -> str:
+    parts = []
+    for name, p in space.params.items():
+        if name in ranges:
+            lo, hi = ranges[name]
+            parts.append(f"{p.label}: [{lo:.3g}, {hi:.3g}]{' log' if p.log else ''}")
+        else:
+            parts.append(f"{p.label}: {list(p.choices)}")
+    return ", ".join(parts)
+
+
+# -- storage and locking ---------------------------------------------------------------------
+
+
+def is_journal(storage: str) -> bool:
+    return "://" not in storage
+
+
+def rdb_url(url: str) -> str:
+    """``postgresql://`` uses psycopg (v3) unless psycopg2 is installed."""
+    if url.startswith(("postgresql://", "postgres://")):
+        try:
+            import psycopg2  # noqa: F401
+        except ImportError:
+            return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def redact(url: str) -> str:
+    """The storage URL without its password."""
+    return re.sub(r"://([^:/@]+):[^@/]*@", r"://\1:***@", url)
+
+
+def sqlite_path(url: str) -> Path | None:
+    if url.startswith("sqlite:///"):
+        path = url.removeprefix("sqlite:///").split("?", 1)[0]
+        return Path(path) if path and path != ":memory:" else None
+    return None
+
+
+def open_storage(storage: str, heartbeat_interval: int, grace_period: int):
+    """An Optuna storage for a journal file path or a database URL. RDB storages get
+    heartbeats, so trials of a dead worker on another machine are failed after
+    ``grace_period`` seconds."""
+    import optuna
+
+    if is_journal(storage):
+        from optuna.storages.journal import JournalFileBackend
+
+        Path(storage).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(storage))
+    url = rdb_url(storage)
+    engine_kwargs: dict[str, Any] = {}
+    path = sqlite_path(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs["connect_args"] = {"timeout": 60}
+    elif url.startswith("postgresql"):
+        engine_kwargs["pool_pre_ping"] = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=heartbeat_interval,
+            grace_period=grace_period,
+        )
+
+
+class FileLock:
+    """An exclusive ``flock`` on a file beside the storage: released by the kernel when the
+    holder dies, so a killed worker never leaves it held. Re-entrant within a process."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._fd: int | None = None
+        self._depth = 0
+        self._thread_lock = threading.RLock()
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._thread_lock:
+            if self._depth == 0:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+                if self._depth == 0 and self._fd is not None:
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+                    os.close(self._fd)
+                    self._fd = None
+
+
+class PgAdvisoryLock:
+    """``pg_advisory_lock`` keyed by the study name, on a connection of its own: the server
+    releases it when the holder's session ends (a killed worker, a lost machine)."""
+
+    def __init__(self, url: str, name: str) -> None:
+        import sqlalchemy
+
+        self.engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        self.key = int.from_bytes(
+            hashlib.sha256(f"sweeps:{name}".encode()).digest()[:8], "big", signed=True
+        )
+        self._conn = None
+        self._depth = 0
+        self._thread_lock = threading.RLock()
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        import sqlalchemy
+
+        with self._thread_lock:
+            if self._depth == 0:
+                self._conn = self.engine.connect()
+                self._conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+                if self._depth == 0 and self._conn is not None:
+                    with contextlib.suppress(Exception):
+                        self._conn.execute(
+                            sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self.key}
+                        )
+                        self._conn.commit()
+                    self._conn.close()
+                    self._conn = None
+
+
+class NoLock:
+    """Other databases: no cross-process lock, so parallel workers may overshoot a round's
+    budget by up to n_workers - 1 trials (the count is re-checked right after each ask)."""
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        yield
+
+
+def make_lock(storage: str, study_name: str):
+    if is_journal(storage):
+        return FileLock(Path(storage + ".sweeps.lock"))
+    url = rdb_url(storage)
+    path = sqlite_path(url)
+    if path is not None:
+        return FileLock(Path(str(path) + ".sweeps.lock"))
+    if url.startswith("postgresql"):
+        return PgAdvisoryLock(url, study_name)
+    log.warning(
+        "no cross-process lock for %s: parallel workers may overshoot the budget", redact(url)
+    )
+    return NoLock()
+
+
+# -- processes -------------------------------------------------------------------------------
+
+
+def process_start(pid: int) -> str:
+    """The start time of a process (clock ticks since boot, Linux), to tell a reused pid
+    from the original process; empty when unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def process_alive(pid: int, started: str = "") -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    if started:
+        now = process_start(pid)
+        if now and now != started:
+            return False  # the pid was reused by another process
+    return True
+
+
+def hostname() -> str:
+    return socket.gethostname()
+
+
+# -- trial bookkeeping -----------------------------------------------------------------------
+
+COUNTED = ("complete", "pruned", "failed")
+
+
+def outcome_of(t) -> str:
+    """complete | pruned | failed | interrupted | stale | duplicate | running | waiting."""
+    from optuna.trial import TrialState
+
+    if t.state == TrialState.COMPLETE:
+        return "complete"
+    if t.state == TrialState.PRUNED:
+        return "pruned"
+    if t.state == TrialState.RUNNING:
+        return "running"
+    if t.state == TrialState.WAITING:
+        return "waiting"
+    return t.user_attrs.get(OUTCOME) or "stale"  # FAIL without our mark: Optuna's heartbeat
+
+
+@dataclass
+class Tally:
+    complete: int = 0
+    pruned: int = 0
+    failed: int = 0
+    interrupted: int = 0
+    stale: int = 0
+    duplicate: int = 0
+    running: int = 0
+    waiting: int = 0
+
+    @property
+    def counted(self) -> int:
+        return self.complete + self.pruned + self.failed
+
+    def add(self, outcome: str) -> None:
+        setattr(self, outcome, getattr(self, outcome) + 1)
+
+
+def tally(trials, round_: int | None = None) -> Tally:
+    out = Tally()
+    for t in trials:
+        if ROUND not in t.user_attrs or (round_ is not None and t.user_attrs[ROUND] != round_):
+            continue
+        out.add(outcome_of(t))
+    return out
+
+
+def best_value(trials, maximize: bool) -> float | None:
+    values = [
+        t.value
+        for t in trials
+        if outcome_of(t) == "complete" and t.value is not None and math.isfinite(t.value)
+    ]
+    if not values:
+        return None
+    return max(values) if maximize else min(values)
+
+
+def derive_seed(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:4], "little")
+
+
+def make_sampler(name: str, seed: int, tpe: TPEConf):
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if name == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        if name == "qmc":
+            return optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False)
+        return optuna.samplers.TPESampler(
+            seed=seed,
+            n_startup_trials=tpe.n_startup_trials,
+            multivariate=tpe.multivariate,
+            group=tpe.group,
+            constant_liar=tpe.constant_liar,
+        )
+
+
+def make_pruner(p: PrunerConf):
+    import optuna
+
+    if p.name == "median":
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=p.n_startup_trials,
+            n_warmup_steps=p.n_warmup_steps,
+            interval_steps=p.interval_steps,
+        )
+    if p.name == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=p.min_resource,
+            max_resource=p.max_resource if p.max_resource is not None else "auto",
+            reduction_factor=p.reduction_factor,
+        )
+    return optuna.pruners.NopPruner()
+
+
+class Pruning(Callback):
+    """Reports the metric to Optuna after each epoch; raises TrialPruned when told to."""
+
+    def __init__(self, trial, metric: str) -> None:
+        self.trial = trial
+        self.metric = metric
+
+    def on_epoch_end(self, epoch, metrics, model):
+        import optuna
+
+        if self.metric not in metrics:
+            raise KeyError(
+                f"metric {self.metric!r} is not among the epoch metrics {sorted(metrics)}"
+            )
+        value = float(metrics[self.metric])
+        self.trial.report(value, epoch)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at epoch {epoch} ({self.metric} {value:.4f})")
+
+
+def compose_trial(overrides: Sequence[str]):
+    """What ``python -m sweeps.run <overrides>`` composes: (RunConfig, resolved dict, choices)."""
+    from hydra import compose, initialize_config_dir
+
+    from sweeps.config import validate
+
+    register_schemas()
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        dcfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    runtime = dcfg.hydra.runtime.choices
+    choices = {g: runtime.get(g) for g in GROUPS}
+    experiment = runtime.get("experiment")
+    with open_dict(dcfg):
+        del dcfg["hydra"]
+    cfg = validate(dcfg)
+    cfg.experiment = experiment or cfg.experiment
+    resolved = OmegaConf.to_container(dcfg, resolve=True)
+    resolved["sweep_id"] = cfg.sweep_id
+    resolved["experiment"] = cfg.experiment
+    return cfg, resolved, choices
+
+
+# -- the search ------------------------------------------------------------------------------
+
+
+@dataclass
+class Reservation:
+    trial: Any
+    round: int
+    params: dict[str, Any]
+
+
+class Wait:
+    """Every slot of the open round is taken by running trials: poll again."""
+
+
+@dataclass
+class Stop:
+    reason: str
+
+
+class Done:
+    """Every round has its budget."""
+
+
+class Search:
+    """One study, seen from one process (the launcher or a worker)."""
+
+    def __init__(self, cfg: SearchConfig, worker: int = 0) -> None:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.cfg = cfg
+        self.space: SearchSpaceConf = cfg.search
+        self.name: str = cfg.study_name
+        self.storage_spec = cfg.storage or DEFAULT_JOURNAL
+        self.storage = open_storage(self.storage_spec, cfg.heartbeat_interval, cfg.grace_period)
+        self.heartbeat = not is_journal(self.storage_spec)
+        self.lock = make_lock(self.storage_spec, self.name)
+        self.maximize = self.space.direction == "maximize"
+        self.worker = worker
+        self.host, self.pid = hostname(), os.getpid()
+        self.pid_start = process_start(self.pid)
+        self.bounds = original_bounds(self.space)
+        self._samplers: dict[int, Any] = {}
+        self._client = None
+        self._experiment_id: str | None = None
+        self.study = optuna.create_study(
+            study_name=self.name,
+            storage=self.storage,
+            direction=self.space.direction,
+            load_if_exists=True,
+            pruner=make_pruner(cfg.pruner),
+        )
+
+    # -- config of the study
+
+    def spec(self) -> dict[str, Any]:
+        """What defines the trials of this study: a rerun must match it to resume."""
+        return {
+            "search": self.space.name,
+            "metric": self.space.metric,
+            "direction": self.space.direction,
+            "params": {k: asdict(v) for k, v in self.space.params.items()},
+            "overrides": self.base_overrides(),
+        }
+
+    def check_spec(self) -> bool:
+        """Store the spec on a new study; on an existing one, refuse a different spec.
+        Returns whether the study already had trials."""
+        current = json.loads(json.dumps(self.spec()))
+        with self.lock():
+            attrs = self.study.user_attrs
+            stored = attrs.get(SPEC)
+            if stored is None:
+                self.study.set_user_attr(SPEC, current)
+                self.study.set_user_attr("sweeps.rounds", [asdict(r) for r in self.space.rounds])
+                return False
+        if stored != current:
+            diff = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+            raise SearchError(
+                f"study {self.name!r} in {redact(self.storage_spec)} was created with a different "
+                f"{', '.join(diff)}: stored {json.dumps({k: stored.get(k) for k in diff})}, "
+                f"now {json.dumps({k: current.get(k) for k in diff})}. Rerun with the same "
+                "settings to resume it, or pick a new study_name."
+            )
+        return True
+
+    def base_overrides(self) -> list[str]:
+        return merge_overrides(self.space.base_overrides, self.cfg.trial.overrides)
+
+    def trial_overrides(self, number: int, values: Mapping[str, Any]) -> list[str]:
+        run_name = f"{self.name}-t{number}"
+        return merge_overrides(
+            self.space.base_overrides,
+            mlflow_overrides(self.cfg.mlflow),
+            self.cfg.trial.overrides,
+            [f"sweep_id={quoted(self.name)}", f"mlflow.run_name={quoted(run_name)}"],
+            param_overrides(self.space, values),
+        )
+
+    def preflight(self) -> None:
+        """Compose and validate a trial config before any trial runs, with each parameter at
+        its lower bound / first choice: a typo in the base overrides fails here, once."""
+        values: dict[str, Any] = {}
+        for name, p in self.space.params.items():
+            if is_active(p, values):
+                values[name] = (
+                    p.choices[0]
+                    if p.type == "categorical"
+                    else (int(p.low) if p.type == "int" else p.low)
+                )
+        try:
+            cfg, _, _ = compose_trial(self.trial_overrides(0, values))
+        except Exception as e:
+            raise SearchError(f"the trial config does not compose: {e}") from None
+        if self.space.metric.startswith("val/") and cfg.data.val_fraction <= 0:
+            raise SearchError(
+                f"metric {self.space.metric!r} needs a validation split: data.val_fraction > 0"
+            )
+
+    # -- MLflow
+
+    @property
+    def tracking(self) -> bool:
+        return self.cfg.mlflow.enabled
+
+    def client(self):
+        from sweeps import tracking
+
+        if self._client is None:
+            m = self.cfg.mlflow
+            self._client = tracking.get_client(m.tracking_uri)
+            self._experiment_id = tracking.ensure_experiment(
+                self._client, m.experiment_name, m.artifact_root, m.tracking_uri
+            )
+        return self._client
+
+    def parent_run_id(self) -> str | None:
+        if not self.tracking:
+            return None
+        attrs = self.study.user_attrs
+        if attrs.get(PARENT_URI) == self.cfg.mlflow.tracking_uri:
+            return attrs.get(PARENT_RUN)
+        return None
+
+    def ensure_parent_run(self) -> str | None:
+        """The study's parent MLflow run: created once (its id kept in the study's user
+        attrs), reopened as RUNNING on a resume."""
+        if not self.tracking:
+            return None
+        from sweeps import tracking
+
+        client = self.client()
+        with self.lock():
+            run_id = self.parent_run_id()
+            if run_id is not None:
+                try:
+                    run = client.get_run(run_id)
+                    if run.info.status != "RUNNING":
+                        client.update_run(run_id, status="RUNNING")
+                    return run_id
+                except Exception:
+                    log.warning(
+                        "parent run %s not found in %s; creating a new one",
+                        run_id,
+                        self.cfg.mlflow.tracking_uri,
+                    )
+            tags = {
+                "sweeps.role": "study",
+                "study": self.name,
+                "search": self.space.name,
+                "sweep_id": self.name,
+                "storage": redact(self.storage_spec),
+                **tracking.environment_tags(),
+            }
+            run = client.create_run(self._experiment_id, run_name=f"study-{self.name}", tags=tags)
+            run_id = run.info.run_id
+            self.study.set_user_attr(PARENT_RUN, run_id)
+            self.study.set_user_attr(PARENT_URI, self.cfg.mlflow.tracking_uri)
+        params = {
+            "search": self.space.name,
+            "study": self.name,
+            "metric": self.space.metric,
+            "direction": self.space.direction,
+            "sampler_seed": self.cfg.sampler_seed,
+            "rounds": ", ".join(f"{r.n_trials}x{r.sampler}" for r in self.space.rounds),
+            "narrow": json.dumps(asdict(self.space.narrow)),
+            "tpe": json.dumps(asdict(self.space.tpe)),
+            "pruner": json.dumps(asdict(self.cfg.pruner)),
+            "base_overrides": " ".join(self.base_overrides()),
+            **{
+                f"space.{k}": json.dumps(
+                    {kk: vv for kk, vv in asdict(p).items() if vv not in (None, {}, False)}
+                )
+                for k, p in self.space.params.items()
+            },
+            "ranges.r1": format_ranges(
+                self.space, {k: (b.low, b.high) for k, b in self.bounds.items()}
+            ),
+        }
+        self._safe_log_params(run_id, params)
+        client.log_text(
+            run_id, OmegaConf.to_yaml(OmegaConf.structured(self.space)), "search/space.yaml"
+        )
+        return run_id
+
+    def _safe_log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        """Params are immutable in MLflow: on a resume, skip the ones already logged."""
+        from mlflow.entities import Param
+
+        try:
+            have = self.client().get_run(run_id).data.params
+            items = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in have]
+            for i in range(0, len(items), 100):
+                self.client().log_batch(run_id, params=items[i : i + 100], synchronous=True)
+        except Exception as e:
+            log.warning("could not log params to the parent run: %s", e)
+
+    def _runs_of(self, number: int) -> list:
+        client = self.client()
+        return client.search_runs(
+            [self._experiment_id],
+            filter_string=f"tags.study = '{self.name}' and tags.trial_number = '{number}'",
+        )
+
+    def _end_runs(self, number: int, state: str, reason: str, status: str = "KILLED") -> None:
+        """Mark the MLflow run(s) of a trial that ended without its worker's help."""
+        if not self.tracking:
+            return
+        try:
+            for run in self._runs_of(number):
+                if run.info.status == "RUNNING":
+                    self.client().set_tag(run.info.run_id, "sweeps.failure", reason[:5000])
+                    self.client().set_terminated(run.info.run_id, status=status)
+                self.client().set_tag(run.info.run_id, "trial_state", state)
+        except Exception as e:
+            log.warning("could not end the MLflow run of trial %d: %s", number, e)
+
+    def reconcile_runs(self) -> int:
+        """End every MLflow child run left RUNNING whose Optuna trial is no longer running
+        (a SIGKILLed worker): KILLED, with the trial's state as ``trial_state``."""
+        if not self.tracking or self.parent_run_id() is None:
+            return 0
+        from optuna.trial import TrialState
+
+        client = self.client()
+        states = {t.number: t.state for t in self.study.get_trials(deepcopy=False)}
+        ended = 0
+        try:
+            runs = client.search_runs(
+                [self._experiment_id],
+                filter_string=f"tags.study = '{self.name}' and attributes.status = 'RUNNING'",
+            )
+        except Exception as e:
+            log.warning("could not list the study's MLflow runs: %s", e)
+            return 0
+        for run in runs:
+            number = run.data.tags.get("trial_number")
+            if number is None or states.get(int(number)) in (TrialState.RUNNING, None):
+                continue
+            state = states[int(number)].name
+            client.set_tag(
+                run.info.run_id, "sweeps.failure", "its worker stopped without ending it"
+            )
+            client.set_tag(run.info.run_id, "trial_state", state)
+            client.set_terminated(run.info.run_id, status="KILLED")
+            ended += 1
+        if ended:
+            log.info("marked %d MLflow run(s) of finished trials KILLED", ended)
+        return ended
+
+    # -- stale trials
+
+    def fail_stale(self) -> list[int]:
+        """FAIL the RUNNING trials whose worker is gone: on this host, a dead pid (or, under
+        the lock, no pid recorded at all: its worker died while reserving it); elsewhere,
+        Optuna's heartbeat (RDB storages). Call with the lock held."""
+        import optuna
+        from optuna.trial import TrialState
+
+        failed: list[int] = []
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            attrs = t.user_attrs
+            if PID in attrs:
+                if attrs.get(HOST) != self.host or process_alive(
+                    int(attrs[PID]), attrs.get(PID_START, "")
+                ):
+                    continue
+                reason = f"worker pid {attrs[PID]} on {attrs[HOST]} died while running it"
+            elif isinstance(self.lock, NoLock):
+                continue
+            else:
+                reason = "its worker died while reserving it"
+            try:
+                self.storage.set_trial_user_attr(t._trial_id, OUTCOME, "stale")
+                self.storage.set_trial_user_attr(t._trial_id, REASON, reason)
+                self.storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+            log.warning(
+                "trial %d: %s; marked FAIL (not counted: its slot runs again)", t.number, reason
+            )
+            failed.append(t.number)
+        if self.heartbeat:
+            before = {
+                t.number
+                for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            }
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(self.study)
+            after = {
+                t.number
+                for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            }
+            for number in sorted(before - after):
+                t = self.study.trials[number]
+                if t.state == TrialState.FAIL and OUTCOME not in t.user_attrs:
+                    log.warning(
+                        "trial %d: no heartbeat for %ss; marked FAIL by Optuna",
+                        number,
+                        self.cfg.grace_period,
+                    )
+                    failed.append(number)
+        for number in failed:
+            self._end_runs(number, "FAIL", "its worker died while running it")
+        return failed
+
+    # -- rounds
+
+    def ranges_for(self, r: int, trials) -> dict[str, tuple[float, float]]:
+        """Round r's numeric ranges: the original bounds for round 1; later, narrowed once
+        from the complete trials of rounds < r and stored in the study. Call with the lock."""
+        if r == 1:
+            return {k: (b.low, b.high) for k, b in self.bounds.items()}
+        stored = self.study.user_attrs.get(ranges_attr(r))
+        if stored is not None:
+            return {k: (float(v[0]), float(v[1])) for k, v in stored.items()}
+        done = [
+            (t.params, t.value)
+            for t in trials
+            if outcome_of(t) == "complete" and t.user_attrs.get(ROUND, 0) < r
+        ]
+        n = self.space.narrow
+        ranges = narrow_ranges(
+            self.bounds,
+            done,
+            maximize=self.maximize,
+            top_k=n.top_k,
+            top_fraction=n.top_fraction,
+            margin=n.margin,
+        )
+        self.study.set_user_attr(ranges_attr(r), {k: list(v) for k, v in ranges.items()})
+        text = format_ranges(self.space, ranges)
+        log.info(
+            "round %d (%s): narrowed from %d complete trials to %s",
+            r,
+            self.space.rounds[r - 1].sampler,
+            len(done),
+            text,
+        )
+        parent = self.parent_run_id()
+        if parent is not None:
+            self._safe_log_params(parent, {f"ranges.r{r}": text})
+        return ranges
+
+    def sampler_for(self, r: int, n_existing: int):
+        """One sampler per round and worker, seeded from the sampler seed, the round, the
+        trials already in the study and the worker: a fresh single-worker study is
+        reproducible, and a resumed one does not replay the sequence it already tried."""
+        if r not in self._samplers:
+            key = (
+                self.worker
+                if is_journal(self.storage_spec) or sqlite_path(self.storage_spec)
+                else f"{self.host}/{self.worker}"
+            )
+            seed = derive_seed(self.cfg.sampler_seed, r, n_existing, key)
+            self._samplers[r] = make_sampler(self.space.rounds[r - 1].sampler, seed, self.space.tpe)
+        return self._samplers[r]
+
+    def failure_limit_reason(self, trials=None) -> str | None:
+        """Why the study must stop (``max_failures`` trials failed), or None."""
+        trials = self.study.get_trials(deepcopy=False) if trials is None else trials
+        failed = [t for t in trials if outcome_of(t) == "failed"]
+        limit = self.cfg.max_failures
+        if limit is None or len(failed) < limit:
+            return None
+        last = failed[-1].user_attrs.get(REASON, "?")
+        return (
+            f"{len(failed)} trials failed (max_failures={limit}); the last one: {last}. "
+            "Fix the cause (or raise max_failures) and rerun the same command to resume."
+        )
+
+    def reserve(self) -> Reservation | Wait | Stop | Done:
+        """Take the next free slot: everything under the lock, so the budget and the
+        duplicate check hold across processes."""
+        with self.lock():
+            self.fail_stale()
+            trials = self.study.get_trials(deepcopy=False)
+            stop = self.failure_limit_reason(trials)
+            if stop is not None:
+                return Stop(stop)
+            attrs = self.study.user_attrs
+            for r, rc in enumerate(self.space.rounds, 1):
+                c = tally(trials, r)
+                if c.counted >= rc.n_trials or attrs.get(exhausted_attr(r)):
+                    if c.running:
+                        return Wait()  # the next round's ranges need every trial of this one
+                    continue
+                if c.counted + c.running >= rc.n_trials:
+                    return Wait()
+                ranges = self.ranges_for(r, trials)
+                self.study.sampler = self.sampler_for(r, len(trials))
+                res = self._ask_unique(r, ranges, trials)
+                if res is None:
+                    msg = (
+                        f"round {r}: the sampler proposed only parameter sets already tried "
+                        f"({self.cfg.dedup_attempts} times in a row); the space looks exhausted, "
+                        f"so the round ends with {c.counted} of {rc.n_trials} trials"
+                    )
+                    log.warning(msg)
+                    self.study.set_user_attr(exhausted_attr(r), msg)
+                    if c.running:
+                        return Wait()
+                    continue
+                return res
+            return Done()
+
+    def _ask_unique(self, r: int, ranges, trials) -> Reservation | None:
+        from optuna.trial import TrialState
+
+        taken = {}
+        if self.cfg.dedup:
+            for t in trials:
+                if outcome_of(t) in (*COUNTED, "running") and ROUND in t.user_attrs:
+                    taken.setdefault(_params_key(t.params), t.number)
+        for _ in range(self.cfg.dedup_attempts):
+            with warnings.catch_warnings():  # heartbeats are recorded here, not by optimize()
+                warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                trial = self.study.ask()
+            for key, value in (
+                (ROUND, r),
+                (HOST, self.host),
+                (PID, self.pid),
+                (PID_START, self.pid_start),
+                (WORKER, self.worker),
+            ):
+                trial.set_user_attr(key, value)
+            if self.heartbeat:
+                self.storage.record_heartbeat(trial._trial_id)
+            try:
+                values = suggest(trial, self.space, ranges)
+            except BaseException as e:
+                trial.set_user_attr(OUTCOME, "interrupted")
+                trial.set_user_attr(REASON, f"sampling failed: {type(e).__name__}: {e}")
+                self.study.tell(trial, state=TrialState.FAIL)
+                raise
+            dup = taken.get(_params_key(values))
+            if dup is None:
+                trial.set_user_attr(OVERRIDES, self.trial_overrides(trial.number, values))
+                return Reservation(trial, r, values)
+            trial.set_user_attr(OUTCOME, "duplicate")
+            trial.set_user_attr(DUPLICATE_OF, dup)
+            trial.set_user_attr(REASON, f"same parameters as trial {dup}; not trained, resampled")
+            self.study.tell(trial, state=TrialState.FAIL)
+            log.info("trial %d: same parameters as trial %d; resampling", trial.number, dup)
+        return None
+
+    # -- running a trial
+
+    def run_trial(self, res: Reservation, parent_run_id: str | None) -> str:
+        """Train one reserved trial and tell Optuna; returns its outcome. KeyboardInterrupt
+        (Ctrl-C, SIGTERM) ends the trial as FAIL (``outcome=interrupted``) and propagates."""
+        import optuna
+        from optuna.trial import TrialState
+
+        trial, number = res.trial, res.trial.number
+        overrides = self.trial_overrides(number, res.params)
+        tags = {
+            "study": self.name,
+            "trial_number": number,
+            "round": res.round,
+            "sweeps.role": "trial",
+        }
+        beat = (
+            _Heartbeat(self.storage, trial._trial_id, self.cfg.heartbeat_interval)
+            if self.heartbeat
+            else None
+        )
+        try:
+            from sweeps.run import execute
+
+            cfg, resolved, choices = compose_trial(overrides)
+            outcome = execute(
+                cfg,
+                resolved,
+                overrides,
+                choices=choices,
+                extra_tags=tags,
+                parent_run_id=parent_run_id,
+                callbacks=[Pruning(trial, self.space.metric)],
+                evaluate_test=False,
+                progress=False,
+            )
+            value = outcome.history.last(self.space.metric)
+            if not math.isfinite(value):
+                raise ValueError(f"metric {self.space.metric} is {value}")
+        except optuna.TrialPruned as e:
+            self._finish_run(number, "PRUNED", str(e), status="KILLED")
+            trial.set_user_attr(OUTCOME, "pruned")
+            trial.set_user_attr(REASON, str(e))
+            self._tell(trial, state=TrialState.PRUNED)
+            return "pruned"
+        except KeyboardInterrupt as e:
+            with _signals_ignored():
+                reason = f"interrupted: {type(e).__name__} {e}".strip()
+                trial.set_user_attr(OUTCOME, "interrupted")
+                trial.set_user_attr(REASON, reason)
+                self._tell(trial, state=TrialState.FAIL)
+                self._finish_run(number, "FAIL", reason, status="KILLED")
+            raise
+        except Exception as e:
+            reason = f"{type(e).__name__}: {e}"
+            log.warning("trial %d failed: %s", number, reason)
+            trial.set_user_attr(OUTCOME, "failed")
+            trial.set_user_attr(REASON, reason[:2000])
+            self._finish_run(number, "FAIL", reason, status="FAILED")
+            self._tell(trial, state=TrialState.FAIL)
+            return "failed"
+        finally:
+            if beat is not None:
+                beat.stop()
+        if outcome.run_id:
+            trial.set_user_attr(RUN_ID, outcome.run_id)
+            with contextlib.suppress(Exception):
+                self.client().set_tag(outcome.run_id, "trial_state", "COMPLETE")
+        trial.set_user_attr(OUTCOME, "complete")
+        self._tell(trial, values=value)
+        return "complete"
+
+    def _finish_run(self, number: int, state: str, reason: str, status: str) -> None:
+        """Give a trial's (already ended) run its final status and ``trial_state`` tag."""
+        if not self.tracking:
+            return
+        try:
+            for run in self._runs_of(number):
+                client = self.client()
+                if state == "PRUNED":
+                    client.delete_tag(run.info.run_id, "sweeps.failure")
+                    client.set_tag(run.info.run_id, "sweeps.pruned", reason)
+                if run.info.status != status:
+                    client.set_terminated(run.info.run_id, status=status)
+                client.set_tag(run.info.run_id, "trial_state", state)
+        except Exception as e:
+            log.warning("could not update the MLflow run of trial %d: %s", number, e)
+
+    def _tell(self, trial, **kw) -> None:
+        import optuna
+
+        for attempt in range(5):
+            try:
+                self.study.tell(trial, **kw)
+                return
+            except optuna.exceptions.UpdateFinishedTrialError:
+                log.warning("trial %d was already finished (failed as stale?)", trial.number)
+                return
+            except Exception as e:  # a busy database: retry a few times
+                if attempt == 4:
+                    raise
+                log.warning("could not record trial %d (%s); retrying", trial.number, e)
+                time.sleep(0.5 * 2**attempt)
+
+    def work(self, parent_run_id: str | None, on_trial: Callable[[], None] | None = None) -> str:
+        """Run trials until every round has its budget. Returns 'done'; raises SearchError
+        at the failure limit; KeyboardInterrupt propagates."""
+        while True:
+            res = self.reserve()
+            if isinstance(res, Done):
+                return "done"
+            if isinstance(res, Stop):
+                raise SearchError(res.reason)
+            if isinstance(res, Wait):
+                time.sleep(self.cfg.poll_interval)
+                continue
+            self.run_trial(res, parent_run_id)
+            if on_trial is not None:
+                on_trial()
+
+    # -- results
+
+    def is_complete(self, trials=None) -> bool:
+        trials = self.study.get_trials(deepcopy=False) if trials is None else trials
+        attrs = self.study.user_attrs
+        for r, rc in enumerate(self.space.rounds, 1):
+            c = tally(trials, r)
+            if c.running or (c.counted < rc.n_trials and not attrs.get(exhausted_attr(r))):
+                return False
+        return True
+
+    def report(self) -> Report:
+        trials = self.study.get_trials(deepcopy=False)
+        attrs = self.study.user_attrs
+        rounds = []
+        for r, rc in enumerate(self.space.rounds, 1):
+            in_round = [t for t in trials if t.user_attrs.get(ROUND) == r]
+            stored = (
+                attrs.get(ranges_attr(r))
+                if r > 1
+                else {k: [b.low, b.high] for k, b in self.bounds.items()}
+            )
+            best = _best_trial(in_round, self.maximize)
+            rounds.append(
+                RoundReport(
+                    r,
+                    rc.sampler,
+                    rc.n_trials,
+                    tally(trials, r),
+                    {k: tuple(v) for k, v in stored.items()} if stored is not None else None,
+                    best.value if best else None,
+                    best.number if best else None,
+                )
+            )
+        complete = [
+            t
+            for t in trials
+            if outcome_of(t) == "complete" and t.value is not None and math.isfinite(t.value)
+        ]
+        ranked = sorted(complete, key=lambda t: t.value, reverse=self.maximize)
+        return Report(
+            self.name, self.space, rounds, ranked, tally(trials), self.is_complete(trials)
+        )
+
+
+def _params_key(params: Mapping[str, Any]) -> str:
+    return json.dumps(sorted(params.items()), default=repr)
+
+
+def _best_trial(trials, maximize: bool):
+    complete = [
+        t
+        for t in trials
+        if outcome_of(t) == "complete" and t.value is not None and math.isfinite(t.value)
+    ]
+    if not complete:
+        return None
+    return (
+        max(complete, key=lambda t: t.value) if maximize else min(complete, key=lambda t: t.value)
+    )
+
+
+class _Heartbeat:
+    """Records an RDB heartbeat for a running trial every ``interval`` seconds."""
+
+    def __init__(self, storage, trial_id: int, interval: int) -> None:
+        self._stop = threading.Event()
+
+        def beat() -> None:
+            while not self._stop.wait(interval):
+                try:
+                    storage.record_heartbeat(trial_id)
+                except Exception as e:
+                    log.warning("heartbeat failed: %s", e)
+
+        self._thread = threading.Thread(target=beat, daemon=True, name="optuna-heartbeat")
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """While recording an interruption, a second Ctrl-C or SIGTERM must not cut it short."""
+    try:
+        previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+# -- report ----------------------------------------------------------------------------------
+
+
+@dataclass
+class RoundReport:
+    round: int
+    sampler: str
+    budget: int
+    tally: Tally
+    ranges: dict[str, tuple[float, float]] | None
+    best_value: float | None
+    best_number: int | None
+
+
+@dataclass
+class Report:
+    study: str
+    space: SearchSpaceConf
+    rounds: list[RoundReport]
+    ranked: list  # complete FrozenTrials, best first
+    tally: Tally
+    complete: bool
+
+    @property
+    def best(self):
+        return self.ranked[0] if self.ranked else None
+
+    def metric_label(self) -> str:
+        return self.space.metric.replace("/", " ").replace("_", " ")
+
+    def best_k(self, k: int) -> list[str]:
+        """The book's listing: ``Best-1 (val acc 0.87) | lr: 0.0088, weight decay: 7.4e-06``."""
+        lines = []
+        for i, t in enumerate(self.ranked[:k], 1):
+            params = ", ".join(
+                f"{self.space.params[name].label}: {_fmt(value)}"
+                for name, value in t.params.items()
+            )
+            lines.append(
+                f"Best-{i} ({self.metric_label()} {t.value:.4f}) | {params}  [trial {t.number}, "
+                f"round {t.user_attrs.get(ROUND)}]"
+            )
+        return lines
+
+    def text(self, k: int) -> str:
+        t = self.tally
+        lines = [
+            f"study {self.study}: {t.counted} trials counted (complete {t.complete}, pruned "
+            f"{t.pruned}, "
+            f"failed {t.failed}); not counted: interrupted {t.interrupted}, stale {t.stale}, "
+            f"duplicate {t.duplicate}" + ("" if self.complete else "  [INCOMPLETE]"),
+        ]
+        for rr in self.rounds:
+            best = (
+                f"{rr.best_value:.4f} (trial {rr.best_number})"
+                if rr.best_value is not None
+                else "-"
+            )
+            ranges = (
+                format_ranges(self.space, rr.ranges)
+                if rr.ranges is not None
+                else "(not opened yet)"
+            )
+            lines.append(
+                f"round {rr.round} ({rr.sampler}, {rr.tally.counted}/{rr.budget}): best "
+                f"{self.metric_label()} {best} | {ranges}"
+            )
+        lines.append("=" * 20 + " Hyper-Parameter Optimization Result " + "=" * 20)
+        lines.extend(self.best_k(k))
+        return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def original_view(search: Search):
+    """An in-memory copy of the finished trials with the original distributions, so that
+    Optuna's importance and slice/contour plots see one search space across rounds."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    dists = {}
+    for name, p in search.space.params.items():
+        if p.type == "categorical":
+            dists[name] = CategoricalDistribution(list(p.choices))
+        elif p.type == "int":
+            dists[name] = IntDistribution(int(p.low), int(p.high), log=p.log)
+        else:
+            dists[name] = FloatDistribution(p.low, p.high, log=p.log)
+    view = optuna.create_study(direction=search.space.direction)
+    for t in search.study.get_trials(deepcopy=False):
+        if outcome_of(t) != "complete" or t.value is None or not math.isfinite(t.value):
+            continue
+        view.add_trial(
+            optuna.trial.create_trial(
+                params=dict(t.params),
+                distributions={k: dists[k] for k in t.params},
+                value=t.value,
+                user_attrs={ROUND: t.user_attrs.get(ROUND)},
+            )
+        )
+    return view
+
+
+def study_figures(search: Search) -> dict[str, Any]:
+    """Optuna's matplotlib plots; a plot that cannot be drawn (too few trials) is skipped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import optuna
+    import optuna.visualization.matplotlib as vis
+
+    figures: dict[str, Any] = {}
+    view = original_view(search)
+    if not view.trials:
+        return figures
+    numeric = [n for n, p in search.space.params.items() if p.type != "categorical" and not p.when]
+    plots: list[tuple[str, Callable[[], Any]]] = [
+        ("optimization_history", lambda: vis.plot_optimization_history(view)),
+        ("slice", lambda: vis.plot_slice(view)),
+        ("param_importances", lambda: vis.plot_param_importances(view)),
+    ]
+    if len(numeric) >= 2:
+        plots.append(("contour", lambda: vis.plot_contour(view, params=numeric[:2])))
+    for name, make in plots:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                ax = make()
+            first = ax.flat[0] if hasattr(ax, "flat") else ax
+            figures[name] = first.figure
+        except Exception as e:
+            log.warning("could not draw %s: %s", name, e)
+    return figures

@@ -1,0 +1,552 @@
+"""The Optuna search: narrowing, search-space configs, budget/resume, dedup, pruning,
+failures, stale trials, parallel workers. Tiny synthetic trials throughout."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import optuna
+import pytest
+from hydra.core.config_store import ConfigStore
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from search_helpers import (
+    check_invariants,
+    load_study,
+    mlflow_runs,
+    running_trial_with_run,
+    spawn,
+    tiny_args,
+    wait_for,
+)
+from sweeps import search as S
+from sweeps.optuna_search import load_config, main, split_overrides
+
+# -- narrowing (pure) -------------------------------------------------------------------------
+
+
+def test_narrow_ranges_hand_computed():
+    bounds = {
+        "lr": S.Bounds(1e-6, 1e-2, log=True),
+        "ratio": S.Bounds(0.0, 1.0),
+        "units": S.Bounds(1, 100, integer=True),
+    }
+    trials = [
+        ({"lr": 1e-3, "ratio": 0.2, "units": 10}, 0.9),
+        ({"lr": 1e-4, "ratio": 0.4, "units": 20}, 0.8),
+        ({"lr": 1e-5, "ratio": 0.6, "units": 30}, 0.3),
+        ({"lr": 1e-6, "ratio": 0.8, "units": 40}, 0.1),
+    ]
+    got = S.narrow_ranges(bounds, trials, maximize=True, top_k=2, margin=0.1)
+    # lr: top-2 span 10^-4..10^-3, widened by 0.1 * 4 decades on each side
+    assert got["lr"] == pytest.approx((10**-4.4, 10**-2.6))
+    assert got["ratio"] == pytest.approx((0.1, 0.5))
+    assert got["units"] == (1.0, 30.0)  # 10 - 9.9 clipped to the bound 1; 20 + 9.9 rounded up
+    # minimize ranks the other way; a margin past the bounds is clipped to them exactly
+    low = S.narrow_ranges(bounds, trials, maximize=False, top_k=1, margin=0.1)
+    assert low["lr"] == (1e-6, pytest.approx(10**-5.6))
+    assert low["ratio"] == pytest.approx((0.7, 0.9))
+    # top_fraction: ceil(0.25 * 4) = 1 trial; margin 0: the range is that trial's value
+    one = S.narrow_ranges(bounds, trials, maximize=True, top_fraction=0.25, margin=0.0)
+    assert one["lr"] == pytest.approx((1e-3, 1e-3)) and one["ratio"] == pytest.approx((0.2, 0.2))
+
+
+def test_narrow_ranges_conditional_and_missing_params():
+    bounds = {"sgd_lr": S.Bounds(1e-3, 1.0, log=True), "adam_lr": S.Bounds(1e-5, 1e-1, log=True)}
+    trials = [
+        ({"opt": "sgd", "sgd_lr": 0.1}, 0.5),
+        ({"opt": "sgd", "sgd_lr": 0.01}, 0.2),
+        ({"opt": "adam", "adam_lr": 1e-3}, 0.9),
+        ({"opt": "adam", "adam_lr": 1e-2}, float("nan")),  # never ranked
+    ]
+    got = S.narrow_ranges(bounds, trials, maximize=True, top_k=1, margin=0.0)
+    assert got["sgd_lr"] == pytest.approx((0.1, 0.1))  # ranked among the sgd trials only
+    assert got["adam_lr"] == pytest.approx((1e-3, 1e-3))
+    assert S.narrow_ranges(bounds, [], maximize=True) == {
+        "sgd_lr": (1e-3, 1.0),
+        "adam_lr": (1e-5, 1e-1),
+    }
+
+
+def test_narrowing_on_a_synthetic_objective_finds_the_good_region():
+    """The book's picture: accuracy peaks around lr 1e-3 whatever the weight decay. After a
+    random round, the lr range closes in on the peak; the weight decay range stays wide."""
+    rng = np.random.default_rng(0)
+    bounds = {"lr": S.Bounds(1e-6, 1e-2, log=True), "wd": S.Bounds(1e-8, 1e-4, log=True)}
+    lr = 10 ** rng.uniform(-6, -2, 200)
+    wd = 10 ** rng.uniform(-8, -4, 200)
+    acc = np.exp(-((np.log10(lr) + 3) ** 2) / 0.18)  # ~ within 0.3 decades of 1e-3
+    trials = [({"lr": a, "wd": b}, float(v)) for a, b, v in zip(lr, wd, acc, strict=True)]
+    got = S.narrow_ranges(bounds, trials, maximize=True, top_fraction=0.1, margin=0.05)
+    lo, hi = got["lr"]
+    assert 10**-4 < lo < 1e-3 < hi < 10**-2
+    assert math.log10(hi) - math.log10(lo) < 1.5  # from 4 decades down to under 1.5
+    wlo, whi = got["wd"]
+    assert math.log10(whi) - math.log10(wlo) > 3  # weight decay barely matters: stays wide
+    # a second narrowing from the same trials is the same (pure)
+    assert S.narrow_ranges(bounds, trials, maximize=True, top_fraction=0.1, margin=0.05) == got
+
+
+# -- configs ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("space", S.search_spaces())
+def test_every_search_space_composes_and_its_trials_compose(space):
+    cfg = load_config([f"search={space}"])
+    assert cfg.study_name == space and cfg.search.rounds
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    ranges = {k: (b.low, b.high) for k, b in S.original_bounds(cfg.search).items()}
+    for _ in range(4):
+        trial = study.ask()
+        values = S.suggest(trial, cfg.search, ranges)
+        overrides = S.merge_overrides(
+            cfg.search.base_overrides, S.param_overrides(cfg.search, values)
+        )
+        run_cfg, resolved, choices = S.compose_trial([*overrides, "data=synthetic"])
+        for name, value in values.items():
+            key = cfg.search.params[name].key
+            if key in choices:
+                assert choices[key] == value
+            else:
+                node = resolved
+                for part in key.split("."):
+                    node = node[part]
+                assert node == pytest.approx(value)
+        study.tell(trial, 0.0)
+
+
+def test_book_space_is_the_books_protocol():
+    space = load_config(["search=book"]).search
+    assert space.metric == "val/acc" and space.direction == "maximize"
+    assert (space.params["lr"].low, space.params["lr"].high, space.params["lr"].log) == (
+        1e-6,
+        1e-2,
+        True,
+    )
+    wd = space.params["weight_decay"]
+    assert (wd.key, wd.low, wd.high, wd.log) == ("weight_decay.strength", 1e-8, 1e-4, True)
+    cfg, _, choices = S.compose_trial(space.base_overrides)
+    assert cfg.data.train_size == 500 and cfg.data.val_fraction == 0.2
+    assert (
+        cfg.model.hidden_sizes == [100] * 6
+        and choices["init"] == "he"
+        and choices["optimizer"] == "sgd"
+    )
+    assert (cfg.trainer.epochs, cfg.trainer.batch_size, choices["weight_decay"]) == (50, 100, "l2")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["search.params.lr.low=-1"], "search.params.lr.low must be > 0 on a log scale, got -1.0"),
+        (
+            ["search.params.lr.low=1"],
+            "search.params.lr: need finite low <= high, got low=1.0 high=0.01",
+        ),
+        (
+            ["search.rounds=[{n_trials:0,sampler:random}]"],
+            "search.rounds[1].n_trials must be an integer >= 1, got 0",
+        ),
+        (["search.rounds=[{n_trials:3,sampler:grid}]"], "unknown search.rounds[1].sampler 'grid'"),
+        (["search.direction=up"], "unknown search.direction 'up'"),
+        (["pruner=medain"], "unknown pruner 'medain'"),
+        (["n_workers=0"], "n_workers must be >= 1, got 0"),
+        (["search.narrow.top_fraction=0"], "search.narrow.top_fraction must be in (0, 1], got 0.0"),
+        (
+            ["search=optimizers", "search.params.sgd_lr.when={optimizer:sgdd}"],
+            "optimizer='sgdd' is not one of its choices",
+        ),
+        (
+            ["search=tricks", "search.params.init.choices=[]"],
+            "search.params.init.choices must be a non-empty list",
+        ),
+        (
+            ["optimizer.lr=0.1"],
+            "trial overrides set ['optimizer.lr'], which the search space samples",
+        ),
+        (["study_name=a b"], "study_name must match"),
+    ],
+)
+def test_bad_search_configs_fail_with_a_clear_message(overrides, message):
+    with pytest.raises(ValueError) as err:
+        load_config(overrides)
+    assert message in str(err.value)
+
+
+def test_unknown_keys_fail_at_compose_time(capsys):
+    with pytest.raises(Exception, match="typo"):
+        load_config(["search.params.lr.typo=1"])
+    assert main(["search=nope"]) == 2
+    assert "invalid search config" in capsys.readouterr().err
+
+
+def test_split_overrides_routes_trial_keys_to_trials():
+    root, trial = split_overrides(
+        [
+            "search=book",
+            "n_workers=2",
+            "mlflow.enabled=false",
+            "pruner=median",
+            "pruner.n_warmup_steps=2",
+            "trainer.epochs=5",
+            "data=synthetic",
+            "seed=3",
+            "+model.foo=1",
+        ]
+    )
+    assert root == [
+        "search=book",
+        "n_workers=2",
+        "mlflow.enabled=false",
+        "pruner.name=median",
+        "pruner.n_warmup_steps=2",
+    ]
+    assert trial == ["trainer.epochs=5", "data=synthetic", "seed=3", "+model.foo=1"]
+    cfg = load_config(["search=book", "trainer.epochs=5", 'trial.overrides=["seed=1"]'])
+    assert cfg.trial.overrides == ["seed=1", "trainer.epochs=5"]
+
+
+def test_merge_overrides_and_values():
+    assert S.merge_overrides(["optimizer=sgd", "a.b=1"], ["optimizer=adam"]) == [
+        "a.b=1",
+        "optimizer=adam",
+    ]
+    assert (
+        S.hydra_value(1e-5) == "1e-05"
+        and S.hydra_value(True) == "true"
+        and S.hydra_value("off") == "off"
+    )
+    assert S.quoted("sqlite:////tmp/x/mlflow.db") == "sqlite:////tmp/x/mlflow.db"
+    assert S.quoted("a b") == "'a b'" and S.quoted("null") == "'null'"
+    assert S.redact("postgresql://u:secret@h:5432/db") == "postgresql://u:***@h:5432/db"
+    assert S.rdb_url("postgresql://h/db").startswith("postgresql")
+
+
+# -- the search, in process -------------------------------------------------------------------
+
+
+def _register(name: str, params: dict[str, S.ParamConf], rounds, base: list[str]) -> None:
+    """A search space only this test process knows (ConfigStore), for in-process runs."""
+    space = S.SearchSpaceConf(
+        name=name, params=params, rounds=[S.RoundConf(n, s) for n, s in rounds], base_overrides=base
+    )
+    ConfigStore.instance().store(group="search", name=name, node=space)
+
+
+def test_search_runs_rounds_logs_everything_and_resumes_with_nothing_left(
+    tmp_path, mlflow_store, capsys
+):
+    storage = str(tmp_path / "journal.log")
+    args = tiny_args(storage, mlflow_store, study="e2e", rounds=[(4, "random"), (3, "tpe")])
+    args = [a for a in args if a != "evaluate_best=false"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "Best-1 (val acc " in out and "| lr: " in out and "weight decay: " in out
+    assert "test acc" in out
+    trials = check_invariants(storage, mlflow_store, "e2e", [4, 3])
+
+    study = load_study(storage, "e2e")
+    r2 = study.user_attrs[S.ranges_attr(2)]
+    assert (
+        1e-6 <= r2["lr"][0] <= r2["lr"][1] <= 1.0
+        and 1e-8 <= r2["weight_decay"][0] <= r2["weight_decay"][1] <= 1e-4
+    )
+    assert math.log10(r2["lr"][1] / r2["lr"][0]) < 6  # narrower than the original 6 decades
+    for t in trials:
+        if t.user_attrs[S.ROUND] == 2:
+            assert r2["lr"][0] <= t.params["lr"] <= r2["lr"][1]
+
+    client = MlflowClient(mlflow_store["uri"])
+    parent = client.get_run(study.user_attrs[S.PARENT_RUN])
+    assert parent.info.status == "FINISHED"
+    assert {"best/val_acc", "best/test_acc", "trials/counted"} <= set(parent.data.metrics)
+    assert parent.data.metrics["trials/counted"] == 7
+    assert {"ranges.r1", "ranges.r2", "space.lr", "rounds"} <= set(parent.data.params)
+    assert "search/report.txt" in [
+        a.path for a in client.list_artifacts(parent.info.run_id, "search")
+    ]
+    runs = mlflow_runs(mlflow_store, "e2e")
+    trial_runs = [r for r in runs if r.data.tags.get("sweeps.role") == "trial"]
+    assert len(trial_runs) == 7
+    assert not [
+        r for r in trial_runs if any(k.startswith("test/") for k in r.data.metrics)
+    ]  # never the test set
+    assert all("val/acc" in r.data.metrics for r in trial_runs)
+    best_runs = [r for r in runs if r.data.tags.get("sweeps.role") == "best-test"]
+    assert len(best_runs) == 1 and "test/acc" in best_runs[0].data.metrics
+    assert best_runs[0].data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert parent.data.metrics["best/test_acc"] == best_runs[0].data.metrics["test/acc"]
+    # a trial is `sweeps.run <its overrides>`: the overrides are on the trial and its run
+    t0 = trials[0]
+    assert f"optimizer.lr={t0.params['lr']!r}" in t0.user_attrs[S.OVERRIDES]
+    run0 = next(r for r in trial_runs if r.data.tags["trial_number"] == "0")
+    assert run0.data.tags["overrides"] == " ".join(t0.user_attrs[S.OVERRIDES])
+
+    # the same command again: nothing left to run, no second test evaluation
+    assert main(args) == 0
+    assert len(load_study(storage, "e2e").trials) == len(trials)
+    assert (
+        len(
+            [
+                r
+                for r in mlflow_runs(mlflow_store, "e2e")
+                if r.data.tags.get("sweeps.role") == "best-test"
+            ]
+        )
+        == 1
+    )
+    # a different search space under the same study name is refused
+    assert main([*args, "search.params.lr.low=1e-5"]) == 2
+    assert "was created with a different params" in capsys.readouterr().err
+
+
+def test_pruning_prunes_trials_that_do_not_learn(tmp_path, mlflow_store):
+    """Half the trials get an lr of 1e-9 (stuck at chance); the median pruner stops them
+    after the first epoch once a learning trial has completed."""
+    _register(
+        "prune_case",
+        {
+            "lr": S.ParamConf(key="optimizer.lr", choices=[0.5, 1e-9]),
+            "wd": S.ParamConf(key="weight_decay.strength", low=1e-9, high=1e-8, log=True),
+        },
+        [(8, "random")],
+        ["weight_decay=l2"],
+    )
+    storage = str(tmp_path / "journal.log")
+    args = tiny_args(storage, mlflow_store, study="prune", epochs=4)
+    args = [a for a in args if not a.startswith(("search=", "search.rounds", "search.params"))]
+    assert main(["search=prune_case", *args, "pruner=median", "pruner.n_startup_trials=1"]) == 0
+    trials = check_invariants(storage, mlflow_store, "prune", [8])
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert pruned, "nothing was pruned"
+    assert all(t.params["lr"] == 1e-9 for t in pruned)
+    assert all(len(t.intermediate_values) < 4 for t in pruned)
+    assert all(t.user_attrs[S.OUTCOME] == "pruned" for t in pruned)
+    runs = {
+        r.data.tags["trial_number"]: r
+        for r in mlflow_runs(mlflow_store, "prune")
+        if "trial_number" in r.data.tags
+    }
+    for t in pruned:
+        run = runs[str(t.number)]
+        assert run.info.status == "KILLED" and run.data.tags["trial_state"] == "PRUNED"
+        assert (
+            "sweeps.failure" not in run.data.tags
+            and "pruned at epoch" in run.data.tags["sweeps.pruned"]
+        )
+
+
+def test_failures_are_recorded_and_the_limit_stops_the_study(tmp_path, mlflow_store, capsys):
+    storage = str(tmp_path / "journal.log")
+    diverge = ["model.loss=mse", "search.params.lr.low=1e5", "search.params.lr.high=1e6"]
+    args = [
+        a
+        for a in tiny_args(storage, mlflow_store, study="fail", rounds=[(5, "random")])
+        if "lr.high" not in a
+    ]
+    assert main([*args, *diverge, "max_failures=2"]) == 1
+    assert "2 trials failed (max_failures=2)" in capsys.readouterr().err
+    study = load_study(storage, "fail")
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
+    for t in study.trials:
+        assert t.user_attrs[S.OUTCOME] == "failed" and "diverged at epoch" in t.user_attrs[S.REASON]
+    runs = mlflow_runs(mlflow_store, "fail")
+    trial_runs = [r for r in runs if r.data.tags.get("sweeps.role") == "trial"]
+    assert len(trial_runs) == 2
+    assert all(
+        r.info.status == "FAILED" and r.data.tags["trial_state"] == "FAIL" for r in trial_runs
+    )
+    assert all("diverged" in r.data.tags["sweeps.failure"] for r in trial_runs)
+    parent = MlflowClient(mlflow_store["uri"]).get_run(study.user_attrs[S.PARENT_RUN])
+    assert parent.info.status == "FAILED"
+
+
+def test_a_failing_trial_does_not_stop_the_study(tmp_path, mlflow_store):
+    storage = str(tmp_path / "journal.log")
+    args = [
+        a
+        for a in tiny_args(storage, mlflow_store, study="mixed", rounds=[(6, "random")])
+        if "lr.high" not in a
+    ]
+    mixed = [
+        "model.loss=mse",
+        "search.params.lr.low=1e-2",
+        "search.params.lr.high=1e6",
+        "max_failures=null",
+    ]
+    assert main([*args, *mixed, "sampler_seed=3"]) == 0
+    trials = check_invariants(storage, mlflow_store, "mixed", [6])
+    outcomes = [S.outcome_of(t) for t in trials]
+    assert "failed" in outcomes and "complete" in outcomes, outcomes
+
+
+def test_duplicates_are_never_trained_and_an_exhausted_space_ends_the_round(tmp_path, mlflow_store):
+    _register(
+        "grid_case",
+        {
+            "init": S.ParamConf(choices=["he", "xavier"]),
+            "batchnorm": S.ParamConf(choices=["off", "on"]),
+        },
+        [(6, "random")],
+        [],
+    )
+    storage = str(tmp_path / "journal.log")
+    args = tiny_args(storage, mlflow_store, study="dedup")
+    args = [a for a in args if not a.startswith(("search=", "search.rounds", "search.params"))]
+    assert main(["search=grid_case", *args, "dedup_attempts=15"]) == 0
+    study = load_study(storage, "dedup")
+    trials = study.get_trials(deepcopy=False)
+    counted = [t for t in trials if S.outcome_of(t) in S.COUNTED]
+    assert len(counted) == 4  # only 4 distinct parameter sets exist
+    assert len({tuple(sorted(t.params.items())) for t in counted}) == 4
+    dups = [t for t in trials if S.outcome_of(t) == "duplicate"]
+    assert dups and all(t.user_attrs[S.DUPLICATE_OF] in {c.number for c in counted} for t in dups)
+    assert "exhausted" in study.user_attrs[S.exhausted_attr(1)]
+    trial_runs = [
+        r for r in mlflow_runs(mlflow_store, "dedup") if r.data.tags.get("sweeps.role") == "trial"
+    ]
+    assert len(trial_runs) == 4  # duplicates never reach training
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_stale_trials_of_dead_workers_are_failed_and_their_runs_killed(tmp_path, mlflow_store):
+    storage = str(tmp_path / "journal.log")
+    cfg = load_config(tiny_args(storage, mlflow_store, study="stale"))
+    search = S.Search(cfg)
+    search.check_spec()
+    parent = search.ensure_parent_run()
+    dead = search.study.ask()
+    for key, value in (
+        (S.ROUND, 1),
+        (S.HOST, S.hostname()),
+        (S.PID, _dead_pid()),
+        (S.PID_START, "1"),
+    ):
+        dead.set_user_attr(key, value)
+    orphan = search.study.ask()  # its worker died inside the lock, before recording itself
+    orphan.set_user_attr(S.ROUND, 1)
+    alive = search.study.ask()
+    for key, value in (
+        (S.ROUND, 1),
+        (S.HOST, S.hostname()),
+        (S.PID, os.getpid()),
+        (S.PID_START, S.process_start(os.getpid())),
+    ):
+        alive.set_user_attr(key, value)
+    client = search.client()
+    run = client.create_run(
+        search._experiment_id,
+        tags={
+            "study": "stale",
+            "trial_number": str(dead.number),
+            "sweeps.role": "trial",
+            "mlflow.parentRunId": parent,
+        },
+    )
+    with search.lock():
+        failed = search.fail_stale()
+    assert sorted(failed) == [dead.number, orphan.number]
+    trials = search.study.get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.RUNNING]
+    assert trials[0].user_attrs[S.OUTCOME] == "stale" and "died" in trials[0].user_attrs[S.REASON]
+    assert S.tally(trials).counted == 0  # their slots run again
+    got = client.get_run(run.info.run_id)
+    assert got.info.status == "KILLED" and got.data.tags["trial_state"] == "FAIL"
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sigkill_mid_study_then_rerun_finishes_the_exact_budget(tmp_path, mlflow_store):
+    storage = str(tmp_path / "journal.log")
+    args = tiny_args(
+        storage, mlflow_store, study="kill", rounds=[(4, "random"), (3, "tpe")], epochs=8
+    )
+    proc = spawn(args, tmp_path, tmp_path / "first.log")
+    try:
+        wait_for(
+            lambda: running_trial_with_run(storage, mlflow_store, "kill", min_counted=2),
+            timeout=240,
+            what="a trial training after two counted ones",
+            proc=proc,
+        )
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    before = load_study(storage, "kill").get_trials(deepcopy=False)
+    killed = [t.number for t in before if t.state == TrialState.RUNNING]
+    assert killed, "the kill did not catch a running trial"
+    assert [r for r in mlflow_runs(mlflow_store, "kill") if r.info.status == "RUNNING"]
+
+    assert main(args) == 0
+    trials = check_invariants(storage, mlflow_store, "kill", [4, 3])
+    for number in killed:
+        assert (
+            trials[number].state == TrialState.FAIL
+            and trials[number].user_attrs[S.OUTCOME] == "stale"
+        )
+    killed_runs = [
+        r
+        for r in mlflow_runs(mlflow_store, "kill")
+        if r.data.tags.get("trial_number") in map(str, killed)
+    ]
+    assert killed_runs and all(r.info.status == "KILLED" for r in killed_runs)
+
+
+@pytest.mark.slow
+def test_two_workers_share_the_exact_budget_without_duplicates(tmp_path, mlflow_store):
+    storage = str(tmp_path / "journal.log")
+    args = tiny_args(
+        storage,
+        mlflow_store,
+        study="two",
+        rounds=[(5, "random"), (4, "tpe")],
+        extra=["n_workers=2"],
+    )
+    assert main(args) == 0
+    trials = check_invariants(storage, mlflow_store, "two", [5, 4])
+    assert S.tally(trials).failed == 0  # no 'database is locked' or other tracking failure
+    assert {t.user_attrs[S.WORKER] for t in trials} <= {0, 1}
+    assert all(t.user_attrs[S.PID] != os.getpid() for t in trials)  # trained in the workers
+
+
+@pytest.mark.slow
+def test_sigterm_stops_workers_cleanly_and_a_rerun_resumes(tmp_path, mlflow_store):
+    storage = str(tmp_path / "journal.log")
+    args = tiny_args(
+        storage, mlflow_store, study="term", rounds=[(6, "random")], epochs=8, extra=["n_workers=2"]
+    )
+    proc = spawn(args, tmp_path, tmp_path / "first.log")
+    try:
+        wait_for(
+            lambda: running_trial_with_run(storage, mlflow_store, "term", min_counted=1),
+            timeout=240,
+            what="a trial training",
+            proc=proc,
+        )
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 130, (tmp_path / "first.log").read_text()[-3000:]
+    finally:
+        proc.kill()
+        proc.wait()
+    trials = load_study(storage, "term").get_trials(deepcopy=False)
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    stopped = [t for t in trials if S.outcome_of(t) in ("interrupted", "stale")]
+    assert stopped and all(t.user_attrs[S.REASON] for t in stopped)
+    assert not [r for r in mlflow_runs(mlflow_store, "term") if r.info.status == "RUNNING"]
+
+    assert main([a for a in args if a != "n_workers=2"]) == 0
+    check_invariants(storage, mlflow_store, "term", [6])
