@@ -284,16 +284,17 @@ def _first_max(taps: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return (out.copy() if len(taps) == 1 else out), arg
 
 
-def _route_to_first_max(dout: np.ndarray, arg: np.ndarray, views: list[np.ndarray]) -> None:
+def _route_to_first_max(
+    dout: np.ndarray, arg: np.ndarray, views: list[np.ndarray], overlapping: bool
+) -> None:
     """Backward of ``_first_max``: views[k] (slices of a zeroed gradient array, one per tap)
-    receives dout where tap k held the max. Disjoint views are written directly; views that
-    overlap (windows wider than their stride) accumulate."""
-    disjoint = not np.shares_memory(views[0], views[-1]) if len(views) > 1 else True
+    receives dout where tap k held the max. Disjoint views are written directly; overlapping
+    ones (windows wider than their stride) accumulate."""
     for k, view in enumerate(views):
-        if disjoint:
-            np.multiply(dout, arg == k, out=view)
-        else:
+        if overlapping:
             view += dout * (arg == k)
+        else:
+            np.multiply(dout, arg == k, out=view)
 
 
 class MaxPooling(Layer):
@@ -338,12 +339,12 @@ class MaxPooling(Layer):
         oh, ow = dout.shape[2:]
         # dout to the winning row of each window: (N, C, oh, ow) -> (N, C, Hp, ow)
         drows = np.zeros((N, C, Hp, ow), dtype=dout.dtype)
-        _route_to_first_max(
-            dout, self.arg_h, [drows[:, :, ky : ky + s * oh : s] for ky in range(ph)]
-        )
+        views = [drows[:, :, ky : ky + s * oh : s] for ky in range(ph)]
+        _route_to_first_max(dout, self.arg_h, views, overlapping=s < ph)
         # then to the winning column of that row: (N, C, Hp, ow) -> (N, C, Hp, Wp)
         dx = np.zeros_like(self.x, dtype=dout.dtype)
-        _route_to_first_max(drows, self.arg_w, [dx[..., kx : kx + s * ow : s] for kx in range(pw)])
+        views = [dx[..., kx : kx + s * ow : s] for kx in range(pw)]
+        _route_to_first_max(drows, self.arg_w, views, overlapping=s < pw)
         H, W = self.x_shape[2:]
         return dx[:, :, p : H + p, p : W + p]
 
