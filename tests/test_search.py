@@ -414,6 +414,30 @@ def test_duplicates_are_never_trained_and_an_exhausted_space_ends_the_round(tmp_
     assert len(trial_runs) == 4  # duplicates never reach training
 
 
+def test_a_fresh_study_is_reproducible_and_runs_without_mlflow(tmp_path):
+    """Seeded samplers (Optuna 5's TPE defaults made explicit): the same command on a fresh
+    storage proposes the same trials, round 2's TPE included."""
+    proposals = []
+    for name in ("a", "b"):
+        storage = str(tmp_path / f"{name}.log")
+        store = {"uri": f"sqlite:///{tmp_path / 'unused.db'}", "artifacts": str(tmp_path / "art")}
+        args = tiny_args(storage, store, study="r", rounds=[(3, "random"), (2, "tpe")])
+        assert main([*args, "mlflow.enabled=false", "sampler_seed=7"]) == 0
+        proposals.append([t.params for t in load_study(storage, "r").trials])
+    assert len(proposals[0]) == 5 and proposals[0] == proposals[1]
+    assert not (tmp_path / "unused.db").exists()
+
+
+def test_pruners_are_built_from_the_config():
+    assert isinstance(S.make_pruner(S.PrunerConf(name="none")), optuna.pruners.NopPruner)
+    median = S.make_pruner(S.PrunerConf(name="median", n_startup_trials=2, n_warmup_steps=3))
+    assert isinstance(median, optuna.pruners.MedianPruner)
+    hyperband = S.make_pruner(S.PrunerConf(name="hyperband", min_resource=2, reduction_factor=2))
+    assert isinstance(hyperband, optuna.pruners.HyperbandPruner)
+    cfg = load_config(["pruner=hyperband", "pruner.max_resource=50"])
+    assert (cfg.pruner.name, cfg.pruner.max_resource) == ("hyperband", 50)
+
+
 def _dead_pid() -> int:
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()

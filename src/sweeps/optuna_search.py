@@ -164,7 +164,11 @@ def run_workers(cfg: S.SearchConfig, argv: Sequence[str], progress: StudyProgres
             progress.update()
             time.sleep(cfg.poll_interval)
     except KeyboardInterrupt as e:
-        sig = signal.SIGTERM if isinstance(e, tracking.Terminated) else signal.SIGINT
+        if isinstance(e, tracking.Terminated):
+            sig = signal.SIGTERM
+        else:  # Ctrl-C in a terminal reached the workers too: give them time to stop first
+            sig = signal.SIGINT
+            _wait_all(procs, timeout=5)
         for p in procs:
             if p.poll() is None:
                 p.send_signal(sig)
@@ -178,6 +182,12 @@ def run_workers(cfg: S.SearchConfig, argv: Sequence[str], progress: StudyProgres
         raise
     progress.update()
     return [p.returncode for p in procs]
+
+
+def _wait_all(procs: Sequence[subprocess.Popen], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+        time.sleep(0.1)
 
 
 def worker_main(cfg: S.SearchConfig) -> int:
@@ -380,7 +390,7 @@ def launch(cfg: S.SearchConfig, argv: Sequence[str]) -> int:
     progress.close()
     with S._signals_ignored():
         with search.lock():
-            search.fail_stale()
+            search.fail_stale(include_own=True)  # no trial runs in this process any more
         search.reconcile_runs()
         report = search.report()
     print("\n" + report.text(cfg.report_top), flush=True)
@@ -435,9 +445,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: invalid search config: {e}", file=sys.stderr)
         return 2
     worker = cfg.worker is not None
+    tag = f"[w{cfg.worker}] " if worker else ""
     logging.basicConfig(
         level=logging.INFO,
-        format=f"%(asctime)s {f'[w{cfg.worker}] ' if worker else ''}%(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s {tag}%(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
     logging.getLogger("sweeps.run").setLevel(logging.WARNING)  # per-epoch lines of each trial

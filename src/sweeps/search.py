@@ -46,7 +46,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
@@ -108,6 +108,15 @@ class ParamConf:
     choices: list[Any] | None = None
     when: dict[str, Any] = field(default_factory=dict)
     label: str | None = None
+
+    @property
+    def options(self) -> list[Any]:
+        return list(self.choices or [])
+
+    @property
+    def bounds(self) -> Bounds:
+        assert self.low is not None and self.high is not None, "a numeric parameter has bounds"
+        return Bounds(float(self.low), float(self.high), self.log, self.type == "int")
 
 
 @dataclass
@@ -193,7 +202,7 @@ class SearchSpaceConf:
         for name, p in self.params.items():
             _check_param(name, p, seen)
             seen[name] = p
-        keys = [p.key for p in self.params.values() if not p.when]
+        keys = [str(p.key) for p in self.params.values() if not p.when]
         dup = sorted({k for k in keys if keys.count(k) > 1})
         if dup:
             raise ValueError(
@@ -252,10 +261,9 @@ def _check_param(name: str, p: ParamConf, earlier: Mapping[str, ParamConf]) -> N
                 f"earlier ones: {[k for k, v in earlier.items() if v.type == 'categorical']}"
             )
         for value in allowed if isinstance(allowed, list | tuple) else [allowed]:
-            if value not in parent.choices:
+            if value not in parent.options:
                 raise ValueError(
-                    f"{where}.when: {cond}={value!r} is not one of its choices "
-                    f"{list(parent.choices)}"
+                    f"{where}.when: {cond}={value!r} is not one of its choices {parent.options}"
                 )
 
 
@@ -462,11 +470,7 @@ class Bounds:
 
 
 def original_bounds(space: SearchSpaceConf) -> dict[str, Bounds]:
-    return {
-        name: Bounds(float(p.low), float(p.high), p.log, p.type == "int")
-        for name, p in space.params.items()
-        if p.type != "categorical"
-    }
+    return {name: p.bounds for name, p in space.params.items() if p.type != "categorical"}
 
 
 def is_active(p: ParamConf, values: Mapping[str, Any]) -> bool:
@@ -486,7 +490,7 @@ def suggest(trial, space: SearchSpaceConf, ranges: Mapping[str, Sequence[float]]
         if not is_active(p, values):
             continue
         if p.type == "categorical":
-            values[name] = trial.suggest_categorical(name, list(p.choices))
+            values[name] = trial.suggest_categorical(name, p.options)
         elif p.type == "int":
             lo, hi = ranges[name]
             values[name] = trial.suggest_int(name, int(lo), int(hi), log=p.log)
@@ -559,7 +563,7 @@ def format_ranges(space: SearchSpaceConf, ranges: Mapping[str, Sequence[float]])
             lo, hi = ranges[name]
             parts.append(f"{p.label}: [{lo:.3g}, {hi:.3g}]{' log' if p.log else ''}")
         else:
-            parts.append(f"{p.label}: {list(p.choices)}")
+            parts.append(f"{p.label}: {p.options}")
     return ", ".join(parts)
 
 
@@ -660,7 +664,7 @@ class PgAdvisoryLock:
         self.key = int.from_bytes(
             hashlib.sha256(f"sweeps:{name}".encode()).digest()[:8], "big", signed=True
         )
-        self._conn = None
+        self._conn: Any = None
         self._depth = 0
         self._thread_lock = threading.RLock()
 
@@ -688,8 +692,8 @@ class PgAdvisoryLock:
 
 
 class NoLock:
-    """Other databases: no cross-process lock, so parallel workers may overshoot a round's
-    budget by up to n_workers - 1 trials (the count is re-checked right after each ask)."""
+    """Other databases (MySQL...): no cross-process lock, so parallel workers may overshoot a
+    round's budget by up to n_workers - 1 trials and may train a duplicate in a race."""
 
     @contextlib.contextmanager
     def __call__(self) -> Iterator[None]:
@@ -877,7 +881,7 @@ def compose_trial(overrides: Sequence[str]):
         del dcfg["hydra"]
     cfg = validate(dcfg)
     cfg.experiment = experiment or cfg.experiment
-    resolved = OmegaConf.to_container(dcfg, resolve=True)
+    resolved = cast(dict[str, Any], OmegaConf.to_container(dcfg, resolve=True))
     resolved["sweep_id"] = cfg.sweep_id
     resolved["experiment"] = cfg.experiment
     return cfg, resolved, choices
@@ -915,7 +919,7 @@ class Search:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.cfg = cfg
         self.space: SearchSpaceConf = cfg.search
-        self.name: str = cfg.study_name
+        self.name: str = cfg.study_name or self.space.name
         self.storage_spec = cfg.storage or DEFAULT_JOURNAL
         self.storage = open_storage(self.storage_spec, cfg.heartbeat_interval, cfg.grace_period)
         self.heartbeat = not is_journal(self.storage_spec)
@@ -988,11 +992,10 @@ class Search:
         values: dict[str, Any] = {}
         for name, p in self.space.params.items():
             if is_active(p, values):
-                values[name] = (
-                    p.choices[0]
-                    if p.type == "categorical"
-                    else (int(p.low) if p.type == "int" else p.low)
-                )
+                if p.type == "categorical":
+                    values[name] = p.options[0]
+                else:
+                    values[name] = int(p.bounds.low) if p.type == "int" else p.bounds.low
         try:
             cfg, _, _ = compose_trial(self.trial_overrides(0, values))
         except Exception as e:
@@ -1020,12 +1023,19 @@ class Search:
         return self._client
 
     def parent_run_id(self) -> str | None:
-        if not self.tracking:
-            return None
-        attrs = self.study.user_attrs
-        if attrs.get(PARENT_URI) == self.cfg.mlflow.tracking_uri:
-            return attrs.get(PARENT_RUN)
-        return None
+        """The id kept in the study (the launcher made sure it exists in this store)."""
+        return self.study.user_attrs.get(PARENT_RUN) if self.tracking else None
+
+    def _children(self, extra: str) -> list:
+        """Runs under this study's parent run matching an MLflow filter ``extra``."""
+        parent = self.parent_run_id()
+        if parent is None:
+            return []
+        return self.client().search_runs(
+            [self._experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and tags.study = '{self.name}'"
+            f" and {extra}",
+        )
 
     def ensure_parent_run(self) -> str | None:
         """The study's parent MLflow run: created once (its id kept in the study's user
@@ -1101,11 +1111,7 @@ class Search:
             log.warning("could not log params to the parent run: %s", e)
 
     def _runs_of(self, number: int) -> list:
-        client = self.client()
-        return client.search_runs(
-            [self._experiment_id],
-            filter_string=f"tags.study = '{self.name}' and tags.trial_number = '{number}'",
-        )
+        return self._children(f"tags.trial_number = '{number}'")
 
     def _end_runs(self, number: int, state: str, reason: str, status: str = "KILLED") -> None:
         """Mark the MLflow run(s) of a trial that ended without its worker's help."""
@@ -1129,20 +1135,25 @@ class Search:
 
         client = self.client()
         states = {t.number: t.state for t in self.study.get_trials(deepcopy=False)}
+        claim = self.study.user_attrs.get(BEST_TEST) or {}
         ended = 0
         try:
-            runs = client.search_runs(
-                [self._experiment_id],
-                filter_string=f"tags.study = '{self.name}' and attributes.status = 'RUNNING'",
-            )
+            runs = self._children("attributes.status = 'RUNNING'")
         except Exception as e:
             log.warning("could not list the study's MLflow runs: %s", e)
             return 0
         for run in runs:
             number = run.data.tags.get("trial_number")
-            if number is None or states.get(int(number)) in (TrialState.RUNNING, None):
+            if run.data.tags.get("sweeps.role") == "best-test":
+                if claim.get("host") != self.host or process_alive(
+                    int(claim.get("pid", 0)), claim.get("pid_start", "")
+                ):
+                    continue  # its launcher may still be evaluating
+                state = "-"
+            elif number is None or states.get(int(number)) in (TrialState.RUNNING, None):
                 continue
-            state = states[int(number)].name
+            else:
+                state = states[int(number)].name
             client.set_tag(
                 run.info.run_id, "sweeps.failure", "its worker stopped without ending it"
             )
@@ -1155,10 +1166,11 @@ class Search:
 
     # -- stale trials
 
-    def fail_stale(self) -> list[int]:
+    def fail_stale(self, include_own: bool = False) -> list[int]:
         """FAIL the RUNNING trials whose worker is gone: on this host, a dead pid (or, under
         the lock, no pid recorded at all: its worker died while reserving it); elsewhere,
-        Optuna's heartbeat (RDB storages). Call with the lock held."""
+        Optuna's heartbeat (RDB storages). ``include_own``: also this process's own RUNNING
+        trials (it calls this when it runs none any more). Call with the lock held."""
         import optuna
         from optuna.trial import TrialState
 
@@ -1166,11 +1178,15 @@ class Search:
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             attrs = t.user_attrs
             if PID in attrs:
-                if attrs.get(HOST) != self.host or process_alive(
+                own = attrs.get(HOST) == self.host and int(attrs[PID]) == self.pid
+                if own and include_own:
+                    reason = "its worker was interrupted before recording it"
+                elif attrs.get(HOST) != self.host or process_alive(
                     int(attrs[PID]), attrs.get(PID_START, "")
                 ):
                     continue
-                reason = f"worker pid {attrs[PID]} on {attrs[HOST]} died while running it"
+                else:
+                    reason = f"worker pid {attrs[PID]} on {attrs[HOST]} died while running it"
             elif isinstance(self.lock, NoLock):
                 continue
             else:
@@ -1313,7 +1329,7 @@ class Search:
     def _ask_unique(self, r: int, ranges, trials) -> Reservation | None:
         from optuna.trial import TrialState
 
-        taken = {}
+        taken: dict[str, int] = {}
         if self.cfg.dedup:
             for t in trials:
                 if outcome_of(t) in (*COUNTED, "running") and ROUND in t.user_attrs:
@@ -1509,7 +1525,7 @@ class Search:
             for t in trials
             if outcome_of(t) == "complete" and t.value is not None and math.isfinite(t.value)
         ]
-        ranked = sorted(complete, key=lambda t: t.value, reverse=self.maximize)
+        ranked = sorted(complete, key=lambda t: t.values[0], reverse=self.maximize)
         return Report(
             self.name, self.space, rounds, ranked, tally(trials), self.is_complete(trials)
         )
@@ -1528,7 +1544,9 @@ def _best_trial(trials, maximize: bool):
     if not complete:
         return None
     return (
-        max(complete, key=lambda t: t.value) if maximize else min(complete, key=lambda t: t.value)
+        max(complete, key=lambda t: t.values[0])
+        if maximize
+        else min(complete, key=lambda t: t.values[0])
     )
 
 
@@ -1649,17 +1667,22 @@ def original_view(search: Search):
     """An in-memory copy of the finished trials with the original distributions, so that
     Optuna's importance and slice/contour plots see one search space across rounds."""
     import optuna
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    from optuna.distributions import (
+        BaseDistribution,
+        CategoricalDistribution,
+        FloatDistribution,
+        IntDistribution,
+    )
 
-    dists = {}
+    dists: dict[str, BaseDistribution] = {}
     for name, p in search.space.params.items():
         if p.type == "categorical":
-            dists[name] = CategoricalDistribution(list(p.choices))
+            dists[name] = CategoricalDistribution(p.options)
         elif p.type == "int":
-            dists[name] = IntDistribution(int(p.low), int(p.high), log=p.log)
+            dists[name] = IntDistribution(int(p.bounds.low), int(p.bounds.high), log=p.log)
         else:
-            dists[name] = FloatDistribution(p.low, p.high, log=p.log)
-    view = optuna.create_study(direction=search.space.direction)
+            dists[name] = FloatDistribution(p.bounds.low, p.bounds.high, log=p.log)
+    view = optuna.create_study(directions=[search.study.direction])
     for t in search.study.get_trials(deepcopy=False):
         if outcome_of(t) != "complete" or t.value is None or not math.isfinite(t.value):
             continue
