@@ -323,7 +323,7 @@ class Comparison:
             out += [
                 "",
                 f"tests, {against} (paired t-test on per-seed differences when both groups "
-                "have the same seeds, else Welch's t-test; diff = group - baseline):",
+                "have the same seeds, else Welch's t-test; diff = group - vs):",
                 "",
             ]
             rows = [
@@ -352,6 +352,7 @@ class Comparison:
     def figure(self):
         """The metric per step for each group: mean over seeds and its confidence band."""
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
         import sweeps.plots  # noqa: F401  (selects the Agg backend)
 
@@ -373,6 +374,7 @@ class Comparison:
             ylabel=self.metric,
             title=f"{self.metric}: mean and {self.confidence * 100:g}% CI over seeds",
         )
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()
         return fig
 
