@@ -365,6 +365,13 @@ def test_failures_are_recorded_and_the_limit_stops_the_study(tmp_path, mlflow_st
     assert all("diverged" in r.data.tags["sweeps.failure"] for r in trial_runs)
     parent = MlflowClient(mlflow_store["uri"]).get_run(study.user_attrs[S.PARENT_RUN])
     assert parent.info.status == "FAILED"
+    # raising the limit resumes the study; a finished study is not stopped by the limit
+    capsys.readouterr()
+    assert main([*args, *diverge, "max_failures=null"]) == 1  # complete, but nothing succeeded
+    assert S.tally(load_study(storage, "fail").trials).failed == 5
+    assert main([*args, *diverge, "max_failures=2"]) == 1
+    err = capsys.readouterr().err
+    assert "no trial completed" in err and "max_failures" not in err
 
 
 def test_a_failing_trial_does_not_stop_the_study(tmp_path, mlflow_store):

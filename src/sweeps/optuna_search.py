@@ -413,6 +413,9 @@ def launch(cfg: S.SearchConfig, argv: Sequence[str]) -> int:
                 "(reported once, never used for selection)",
                 flush=True,
             )
+    if code == 0 and report.complete and report.best is None:
+        code, status = 1, "FAILED"
+        message = "the study is complete but no trial completed: nothing to report"
     if code == 0 and not report.complete:
         code, status = 1, "FAILED"
         message = (

@@ -23,6 +23,21 @@ validation split, narrow the ranges to where the good trials are, repeat. Here:
   Trials that FAIL because their worker was interrupted or died (``outcome`` interrupted or
   stale, or no ``outcome`` when Optuna's heartbeat failed them) and rejected duplicates
   (``outcome=duplicate``) do not count: their slot is run again.
+- Stale trials: a worker records its host, pid and the pid's start time on each trial. Any
+  worker, under the lock (at start, and before each reservation), FAILs the RUNNING trials of
+  a dead pid on its own host (the journal storage has no heartbeat in Optuna 5); RDB storages
+  also record heartbeats and fail trials silent for ``grace_period`` seconds (other machines).
+  The MLflow runs of such trials are ended KILLED, and the launcher ends any child run left
+  RUNNING whose trial is finished (``reconcile_runs``).
+- Duplicates: a sampled parameter set equal to one of a counted or running trial is not
+  trained; that trial is told FAIL (``outcome=duplicate``, ``duplicate_of``), which does not
+  count, and the sampler is asked again. After ``dedup_attempts`` duplicates in a row the
+  round's space is taken as exhausted and the round ends early (recorded in the study).
+  Samplers are seeded from (sampler_seed, round, trials so far, worker), so a resumed study
+  does not replay its seeded sequence and two workers do not propose the same one.
+- Pruning: the trial reports the metric each epoch (``Pruning`` callback). A pruned trial is
+  PRUNED in Optuna and its MLflow run KILLED with ``trial_state=PRUNED`` and ``sweeps.pruned``
+  (the reason); every child run carries ``trial_state`` (COMPLETE, PRUNED, FAIL).
 - A trial is exactly ``python -m sweeps.run <its overrides>``: its config is composed from the
   same ``conf/`` with Hydra's Compose API and run by ``sweeps.run.execute`` with the study's
   parent MLflow run as parent, never evaluating the test set.
@@ -1297,9 +1312,6 @@ class Search:
         with self.lock():
             self.fail_stale()
             trials = self.study.get_trials(deepcopy=False)
-            stop = self.failure_limit_reason(trials)
-            if stop is not None:
-                return Stop(stop)
             attrs = self.study.user_attrs
             for r, rc in enumerate(self.space.rounds, 1):
                 c = tally(trials, r)
@@ -1309,6 +1321,9 @@ class Search:
                     continue
                 if c.counted + c.running >= rc.n_trials:
                     return Wait()
+                stop = self.failure_limit_reason(trials)  # only when there is work left
+                if stop is not None:
+                    return Stop(stop)
                 ranges = self.ranges_for(r, trials)
                 self.study.sampler = self.sampler_for(r, len(trials))
                 res = self._ask_unique(r, ranges, trials)
@@ -1406,7 +1421,7 @@ class Search:
             if not math.isfinite(value):
                 raise ValueError(f"metric {self.space.metric} is {value}")
         except optuna.TrialPruned as e:
-            self._finish_run(number, "PRUNED", str(e), status="KILLED")
+            self._finish_run(trial, "PRUNED", str(e), status="KILLED")
             trial.set_user_attr(OUTCOME, "pruned")
             trial.set_user_attr(REASON, str(e))
             self._tell(trial, state=TrialState.PRUNED)
@@ -1416,15 +1431,15 @@ class Search:
                 reason = f"interrupted: {type(e).__name__} {e}".strip()
                 trial.set_user_attr(OUTCOME, "interrupted")
                 trial.set_user_attr(REASON, reason)
+                self._finish_run(trial, "FAIL", reason, status="KILLED")
                 self._tell(trial, state=TrialState.FAIL)
-                self._finish_run(number, "FAIL", reason, status="KILLED")
             raise
         except Exception as e:
             reason = f"{type(e).__name__}: {e}"
             log.warning("trial %d failed: %s", number, reason)
             trial.set_user_attr(OUTCOME, "failed")
             trial.set_user_attr(REASON, reason[:2000])
-            self._finish_run(number, "FAIL", reason, status="FAILED")
+            self._finish_run(trial, "FAIL", reason, status="FAILED")
             self._tell(trial, state=TrialState.FAIL)
             return "failed"
         finally:
@@ -1438,13 +1453,15 @@ class Search:
         self._tell(trial, values=value)
         return "complete"
 
-    def _finish_run(self, number: int, state: str, reason: str, status: str) -> None:
+    def _finish_run(self, trial, state: str, reason: str, status: str) -> None:
         """Give a trial's (already ended) run its final status and ``trial_state`` tag."""
         if not self.tracking:
             return
+        number = trial.number
         try:
             for run in self._runs_of(number):
                 client = self.client()
+                trial.set_user_attr(RUN_ID, run.info.run_id)
                 if state == "PRUNED":
                     client.delete_tag(run.info.run_id, "sweeps.failure")
                     client.set_tag(run.info.run_id, "sweeps.pruned", reason)
