@@ -336,8 +336,8 @@ def log_results(
 def launch(cfg: S.SearchConfig, argv: Sequence[str]) -> int:
     start = time.monotonic()
     search = S.Search(cfg)
-    resumed = search.check_spec()
     search.preflight()
+    resumed = search.check_spec()
     parent = search.ensure_parent_run()
     if parent is not None and cfg.n_workers > 1:
         wal_mode(cfg.mlflow.tracking_uri)

@@ -968,13 +968,13 @@ class Search:
         }
 
     def check_spec(self) -> bool:
-        """Store the spec on a new study; on an existing one, refuse a different spec.
-        Returns whether the study already had trials."""
+        """Store the spec on a new study (or one without trials yet); on a study with
+        trials, refuse a different spec. Returns whether a spec was stored before."""
         current = json.loads(json.dumps(self.spec()))
         with self.lock():
             attrs = self.study.user_attrs
             stored = attrs.get(SPEC)
-            if stored is None:
+            if stored is None or (stored != current and not self.study.get_trials(deepcopy=False)):
                 self.study.set_user_attr(SPEC, current)
                 self.study.set_user_attr("sweeps.rounds", [asdict(r) for r in self.space.rounds])
                 return False
