@@ -12,6 +12,7 @@ the loss gains 0.5*lambda*sum(W^2) and the gradient lambda*W, for weights only (
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -190,7 +191,9 @@ class Adam(Optimizer):
         self._state(p)
         self.t += 1
         b1, b2 = self.beta1, self.beta2
-        lr_t = self.lr * np.sqrt(1.0 - b2**self.t) / (1.0 - b1**self.t)
+        # a Python float: a NumPy float64 scalar would turn the float32 updates below into
+        # float64 loops with casting, several times slower
+        lr_t = self.lr * math.sqrt(1.0 - b2**self.t) / (1.0 - b1**self.t)
         tmp = self.tmp
         np.subtract(g, self.m, out=tmp)  # m += (1-b1)(g-m)
         tmp *= 1 - b1
