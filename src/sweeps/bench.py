@@ -250,6 +250,13 @@ def gemm_seconds() -> float:
 
 
 MLP_SIZES = (784, 100, 100, 100, 100, 10)
+MLP_OVERRIDES = [
+    "model=mlp",
+    "optimizer=adam",
+    "init=he",
+    "trainer.epochs=1",
+    "trainer.batch_size=128",
+]
 
 
 def mlp_epoch_flops(n: int, sizes: Sequence[int] = MLP_SIZES) -> float:
@@ -318,9 +325,7 @@ def _versus_torch(
 
 def bench_mlp(report: Report, repeats: int) -> None:
     n = 60000
-    cfg = compose(
-        ["model=mlp", "optimizer=adam", "init=he", "trainer.epochs=1", "trainer.batch_size=128"]
-    )
+    cfg = compose(MLP_OVERRIDES)
     _versus_torch(
         report,
         repeats,
@@ -352,11 +357,64 @@ def bench_cnn(report: Report, repeats: int) -> None:
     )
 
 
-#: name -> section. Planned: "tracking" (an epoch with and without the MLflow callback)
-#: and "search" (trials per minute with 1 and 2 workers), each a function like these.
+def bench_tracking(report: Report, repeats: int) -> None:
+    """The MLP epoch through ``train`` alone, and inside an MLflow run (a temporary SQLite
+    store) with ``sweeps.tracking.MlflowCallback``: once as configured by default (figures
+    and weights at the end) and once with metrics only. Each time covers the whole run:
+    opening it, the epoch with its evaluation, and ending it."""
+    import tempfile
+
+    from sweeps import tracking
+
+    cfg = compose(MLP_OVERRIDES)
+    splits = random_splits(60000, (784,))
+    probe = splits.train.x[: cfg.trainer.probe_size]
+    m = cfg.mlflow
+
+    def untracked() -> float:
+        return time_sweeps(cfg, splits)[1]
+
+    def tracked(figures: bool, weights: bool) -> float:
+        start = time.perf_counter()
+        with tracking.open_run(uri, "bench", f"{tmp}/artifacts") as run:
+            cb = tracking.MlflowCallback(run, probe, m.batch_loss_every, figures, weights)
+            train(cfg, [cb], splits=splits, rng=np.random.default_rng(cfg.seed))
+        return time.perf_counter() - start
+
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        res = alternate(
+            {
+                "off": untracked,
+                "full": lambda: tracked(m.log_figures, m.log_model),
+                "metrics": lambda: tracked(False, False),
+            },
+            repeats,
+        )
+    name = "MLP epoch (train + evaluation)"
+    report.timings += [
+        Timing(f"{name}: no tracking", res["off"]),
+        Timing(f"{name}: MLflow run, default logging (metrics, figures, weights)", res["full"]),
+        Timing(f"{name}: MLflow run, metrics only", res["metrics"]),
+    ]
+    for key, what in (("full", "default logging"), ("metrics", "metrics only")):
+        report.ratios.append(
+            Ratio(
+                f"{name}: tracking overhead, {what}",
+                [t / off - 1.0 for t, off in zip(res[key], res["off"], strict=True)],
+                "<= 5%",
+                lambda v: v <= 0.05,
+                percent=True,
+            )
+        )
+
+
+#: name -> section. Planned: "search" (trials per minute with 1 and 2 workers, with and
+#: without tracking), a function like these.
 SECTIONS: dict[str, Callable[[Report, int], None]] = {
     "mlp": bench_mlp,
     "cnn": bench_cnn,
+    "tracking": bench_tracking,
 }
 
 
