@@ -248,23 +248,24 @@ class Convolution(Layer):
             out += self.params["b"][:, None]
         return out.reshape(FN, N, out_h, out_w).transpose(1, 0, 2, 3)
 
-    @staticmethod
-    def _rows(dout: np.ndarray) -> np.ndarray:
-        """(N, FN, oh, ow) -> (FN, N*oh*ow); no copy when dout has the forward's layout."""
-        return dout.transpose(1, 0, 2, 3).reshape(dout.shape[1], -1)
-
-    def backward_params(self, dout):
-        dout = self._rows(dout)  # (FN, N*oh*ow)
+    def _param_grads(self, dout: np.ndarray) -> np.ndarray:
+        """Fill dW and db; return dout as (FN, N*oh*ow), a view when dout has the forward's
+        layout."""
+        dout = dout.transpose(1, 0, 2, 3).reshape(dout.shape[1], -1)  # (FN, N*oh*ow)
         if "b" in self.grads:
             np.sum(dout, axis=1, out=self.grads["b"])
         # (FN, N*oh*ow) @ (N*oh*ow, C*FH*FW) -> (FN, C*FH*FW), written straight into dW
         np.matmul(dout, self.col, out=self.grads["W"].reshape(dout.shape[0], -1))
+        return dout
+
+    def backward_params(self, dout):
+        self._param_grads(dout)
 
     def backward(self, dout):
-        self.backward_params(dout)
+        dout = self._param_grads(dout)  # (FN, N*oh*ow)
         W = self.params["W"]
         FN, C, FH, FW = W.shape
-        dcol_t = W.reshape(FN, -1).T @ self._rows(dout)  # (C*FH*FW, N*oh*ow)
+        dcol_t = W.reshape(FN, -1).T @ dout  # (C*FH*FW, FN) @ (FN, N*oh*ow)
         return F.col2im(dcol_t.T, self.x_shape, FH, FW, self.stride, self.pad)
 
 
