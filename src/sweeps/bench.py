@@ -65,7 +65,8 @@ class Timing:
 
 @dataclass
 class Ratio:
-    """A derived figure with its target: ``value`` is the median over repeats."""
+    """A figure derived per repeat (a ratio of times), with its target; reported by its
+    median over the repeats."""
 
     label: str
     values: list[float]
@@ -86,8 +87,6 @@ class Report:
     timings: list[Timing] = field(default_factory=list)
     ratios: list[Ratio] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    #: figures other sections reuse (the GEMM rate)
-    shared: dict[str, float] = field(default_factory=dict)
 
 
 # -- helpers ------------------------------------------------------------------------------
