@@ -18,6 +18,7 @@ import platform
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -53,6 +54,47 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Deliver SIGINT and SIGTERM only once the block is done.
+
+    A KeyboardInterrupt raised inside MLflow's SQLAlchemy store can leave a SQLite statement
+    open, and the database locked for every later write: the run could not be marked KILLED
+    and stayed RUNNING. So store calls are not interrupted; a second signal during one is
+    delivered at once (the store may hang).
+    """
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: h for s, h in previous.items() if h is not None}  # None: not from Python
+    if threading.current_thread() is not threading.main_thread() or not previous:
+        yield
+        return
+    received: list[tuple[int, Any]] = []
+
+    def hold(signum, frame):
+        received.append((signum, frame))
+        if len(received) > 1:
+            _restore_and_deliver(previous, received[-1:])
+
+    for s in previous:
+        signal.signal(s, hold)
+    try:
+        yield
+    finally:
+        if len(received) <= 1:  # more: already restored and delivered by `hold`
+            _restore_and_deliver(previous, received)
+
+
+def _restore_and_deliver(handlers: Mapping[int, Any], received: list[tuple[int, Any]]) -> None:
+    for s, h in handlers.items():
+        signal.signal(s, h)
+    for signum, frame in received:
+        handler = handlers[signum]
+        if callable(handler):
+            handler(signum, frame)
+        elif handler == signal.SIG_DFL:
+            signal.raise_signal(signum)
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -140,21 +182,24 @@ class Run:
 
     def log_metric_entities(self, batch: list) -> None:
         for i in range(0, len(batch), 1000):  # MLflow's limit per log_batch call
-            self.client.log_batch(self.run_id, metrics=batch[i : i + 1000], synchronous=True)
+            with signals_held():
+                self.client.log_batch(self.run_id, metrics=batch[i : i + 1000], synchronous=True)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow's limit per log_batch call
-            self.client.log_batch(self.run_id, params=items[i : i + 100], synchronous=True)
+            with signals_held():
+                self.client.log_batch(self.run_id, params=items[i : i + 100], synchronous=True)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
         items = [RunTag(k, str(v)) for k, v in tags.items()]
         for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, tags=items[i : i + 100], synchronous=True)
+            with signals_held():
+                self.client.log_batch(self.run_id, tags=items[i : i + 100], synchronous=True)
 
     def log_text(self, text: str, path: str) -> None:
         self.client.log_text(self.run_id, text, path)
@@ -179,12 +224,14 @@ class Run:
 
         ds = mlflow.data.from_numpy(x, targets=t, name=name, digest=digest)
         entity = ds._to_mlflow_entity()
-        self.client.log_inputs(
-            self.run_id, [DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])]
-        )
+        with signals_held():
+            self.client.log_inputs(
+                self.run_id, [DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])]
+            )
 
     def end(self, status: str) -> None:
-        self.client.set_terminated(self.run_id, status=status)
+        with signals_held():
+            self.client.set_terminated(self.run_id, status=status)
 
 
 class NullRun:
@@ -222,25 +269,32 @@ def open_run(
     all_tags = dict(tags or {})
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    mlrun = client.create_run(exp_id, run_name=run_name, tags={k: str(v) for k, v in all_tags.items()})
-    run = Run(client, mlrun.info.run_id)
+    run: Run | None = None
     try:
+        with signals_held():  # so that a run that exists is always ended below
+            mlrun = client.create_run(
+                exp_id, run_name=run_name, tags={k: str(v) for k, v in all_tags.items()}
+            )
+            run = Run(client, mlrun.info.run_id)
         yield run
     except KeyboardInterrupt as e:
-        _end_quietly(run, "KILLED", f"interrupted: {type(e).__name__} {e}".strip())
+        if run is not None:
+            _end_quietly(run, "KILLED", f"interrupted: {type(e).__name__} {e}".strip())
         raise
     except BaseException as e:
-        reason = str(e) if isinstance(e, DivergedError) else f"{type(e).__name__}: {e}"
-        _end_quietly(run, "FAILED", reason)
+        if run is not None:
+            reason = str(e) if isinstance(e, DivergedError) else f"{type(e).__name__}: {e}"
+            _end_quietly(run, "FAILED", reason)
         raise
     else:
+        assert run is not None
         run.end("FINISHED")
 
 
 def _end_quietly(run: Run, status: str, reason: str) -> None:
     """Record the reason and the end status; never mask the original exception."""
     # A second Ctrl-C while we record must not leave the run RUNNING.
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(Exception, KeyboardInterrupt):
         run.set_tags({FAILURE_TAG: reason[:5000]})
     for _ in range(3):
         try:
