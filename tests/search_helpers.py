@@ -59,13 +59,13 @@ def load_study(spec: str, name: str) -> optuna.Study:
 
 def spawn(args: Sequence[str], cwd: Path, log: Path) -> subprocess.Popen:
     """The search command in its own process, output to ``log``."""
-    out = open(log, "w")  # noqa: SIM115 - closed with the process by the caller's kill/wait
-    return subprocess.Popen(
-        [sys.executable, "-m", "sweeps.optuna_search", *args],
-        cwd=cwd,
-        stdout=out,
-        stderr=subprocess.STDOUT,
-    )
+    with open(log, "w") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "sweeps.optuna_search", *args],
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def wait_for(

@@ -125,10 +125,17 @@ class StudyProgress:
 # -- workers ---------------------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    """In a worker: get SIGTERM when the launcher dies, so no worker outlives it."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+LAUNCHER_PID = "SWEEPS_SEARCH_LAUNCHER_PID"
+
+
+def _die_with_parent() -> bool:
+    """In a worker (Linux): get SIGTERM when the launcher dies, so no worker outlives it.
+    False when the launcher is already gone."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    launcher = os.environ.get(LAUNCHER_PID)
+    return launcher is None or os.getppid() == int(launcher)
 
 
 def blas_threads(n_workers: int) -> int:
@@ -142,6 +149,7 @@ def run_workers(cfg: S.SearchConfig, argv: Sequence[str], progress: StudyProgres
     """Start n_workers processes running this same command as workers; wait for them."""
     threads = str(blas_threads(cfg.n_workers))
     env = dict(os.environ)
+    env[LAUNCHER_PID] = str(os.getpid())
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS"):
         env[var] = threads
     base = [a for a in argv if a.split("=", 1)[0].lstrip("+~") not in ("worker", "progress")]
@@ -149,7 +157,6 @@ def run_workers(cfg: S.SearchConfig, argv: Sequence[str], progress: StudyProgres
         subprocess.Popen(
             [sys.executable, "-m", "sweeps.optuna_search", *base, f"worker={i}", "progress=false"],
             env=env,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
         for i in range(cfg.n_workers)
     ]
@@ -193,6 +200,9 @@ def _wait_all(procs: Sequence[subprocess.Popen], timeout: float) -> None:
 def worker_main(cfg: S.SearchConfig) -> int:
     from threadpoolctl import threadpool_limits
 
+    if not _die_with_parent():
+        log.warning("the launcher is gone; worker %s stops", cfg.worker)
+        return EXIT_INTERRUPTED
     search = S.Search(cfg, worker=cfg.worker or 0)
     parent = search.parent_run_id()
     with threadpool_limits(limits=blas_threads(cfg.n_workers)), tracking.sigterm_as_interrupt():
