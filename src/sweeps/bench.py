@@ -361,10 +361,14 @@ def bench_tracking(report: Report, repeats: int) -> None:
     store) with ``sweeps.tracking.MlflowCallback``: once as configured by default (figures
     and weights at the end) and once with metrics only. Each time covers the whole run:
     opening it, the epoch with its evaluation, and ending it."""
+    import logging
     import tempfile
+
+    import mlflow  # configures its loggers on import; quiet them after that
 
     from sweeps import tracking
 
+    logging.getLogger(mlflow.__name__).setLevel(logging.WARNING)  # no store-creation chatter
     cfg = compose(MLP_OVERRIDES)
     splits = random_splits(60000, (784,))
     probe = splits.train.x[: cfg.trainer.probe_size]
