@@ -143,3 +143,18 @@ def test_runs_of_the_cli_are_found_and_missing_ones_launched(mlflow_store, tmp_p
     hist = A.metric_history(runs, "train/batch_loss", s)
     assert set(hist.columns) >= {"run_id", "step", "value", "optimizer", "seed"}
     assert hist.groupby("run_id").size().tolist() == [3, 3]
+
+
+def test_match_takes_the_latest_equal_run_and_skips_keys_added_later():
+    found = pd.DataFrame(
+        {
+            "run_id": ["old", "new", "other", "before_key"],
+            "start_time": pd.to_datetime([1, 2, 3, 0], unit="s"),
+            "params.seed": ["0", "0", "1", "0"],
+            "params.trainer.new_key": ["x", "x", "x", None],
+        }
+    )
+    assert A._match(found, {"seed": "0", "trainer.new_key": "x"})["run_id"] == "new"
+    assert A._match(found, {"seed": "2"}) is None
+    only_old = found[found["run_id"] == "before_key"]
+    assert A._match(only_old, {"seed": "0", "trainer.new_key": "x"})["run_id"] == "before_key"

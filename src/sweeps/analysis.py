@@ -300,15 +300,15 @@ def search_runs(setting: Setting, filter_string: str = "", finished: bool = True
 
 
 def _match(found: pd.DataFrame, key: Mapping[str, str]) -> pd.Series | None:
-    """The latest run of ``found`` whose params equal ``key``."""
+    """The latest run of ``found`` whose params equal ``key``. A key the run has no param for
+    (a config key added to the package after the run was recorded) is not compared."""
     if found.empty:
         return None
     mask = pd.Series(True, index=found.index)
     for k, v in key.items():
         col = f"params.{k}"
-        if col not in found:
-            return None
-        mask &= found[col] == v
+        if col in found:
+            mask &= (found[col] == v) | found[col].isna()
     hits = found[mask]
     if hits.empty:
         return None
