@@ -320,7 +320,8 @@ def draw_batchnorm_grid(history: pd.DataFrame, runs: pd.DataFrame) -> Figure:
         ax.grid(alpha=0.3)
     for ax in axes[len(stds) :]:
         ax.set_visible(False)
-    axes[0].legend(fontsize=7, loc="lower right")
+    full = max(axes[: len(stds)], key=lambda a: len(a.get_lines()))  # a panel with both lines
+    full.legend(fontsize=7, loc="lower right")
     fig.supxlabel("epoch", fontsize=9)
     fig.supylabel("training accuracy", fontsize=9)
     fig.suptitle(f"batch norm vs weight-init scale ({A.band_note()})", fontsize=10)
