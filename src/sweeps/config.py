@@ -23,7 +23,16 @@ from sweeps.nn.init import Init
 from sweeps.optim import WeightDecay, make_optimizer
 from sweeps.train import TrainSettings
 
-GROUPS = ("data", "model", "optimizer", "init", "activation", "batchnorm", "dropout", "weight_decay")
+GROUPS = (
+    "data",
+    "model",
+    "optimizer",
+    "init",
+    "activation",
+    "batchnorm",
+    "dropout",
+    "weight_decay",
+)
 DTYPES = ("float32", "float64")
 
 

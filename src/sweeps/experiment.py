@@ -40,11 +40,18 @@ def load_splits(cfg: RunConfig, rng: np.random.Generator) -> D.Splits:
     else:
         train, test = D.load_dataset(d.name, d.root, **kw)
     return D.make_splits(
-        train, test, train_size=d.train_size, val_fraction=d.val_fraction, rng=rng, test_size=d.test_size
+        train,
+        test,
+        train_size=d.train_size,
+        val_fraction=d.val_fraction,
+        rng=rng,
+        test_size=d.test_size,
     )
 
 
-def build_model(cfg: RunConfig, rng: np.random.Generator, input_shape: tuple[int, ...]) -> Sequential:
+def build_model(
+    cfg: RunConfig, rng: np.random.Generator, input_shape: tuple[int, ...]
+) -> Sequential:
     """The configured network; weights drawn from ``rng``."""
     m = cfg.model
     common = dict(
@@ -81,7 +88,10 @@ def build_model(cfg: RunConfig, rng: np.random.Generator, input_shape: tuple[int
         )
     elif m.name == "deep_cnn":
         model = deep_convnet(
-            input_shape=input_shape, hidden_size=m.hidden_size, dropout_on_logits=m.dropout_on_logits, **common
+            input_shape=input_shape,
+            hidden_size=m.hidden_size,
+            dropout_on_logits=m.dropout_on_logits,
+            **common,
         )
     else:  # the schema only admits the names above
         raise ValueError(f"unknown model {m.name!r}; choose from ['mlp', 'simple_cnn', 'deep_cnn']")

@@ -16,7 +16,9 @@ from matplotlib.figure import Figure  # noqa: E402
 from sweeps.nn.functional import smooth_curve  # noqa: E402
 
 
-def learning_curves(epochs: list[dict[str, float]], batch_losses: list[float], title: str = "") -> Figure:
+def learning_curves(
+    epochs: list[dict[str, float]], batch_losses: list[float], title: str = ""
+) -> Figure:
     """Left: batch loss (raw and smoothed as in the book) per iteration. Right: train and
     validation accuracy per epoch (the book's ylim 0-1)."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")

@@ -24,7 +24,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from sweeps import tracking
-from sweeps.config import GROUPS, RunConfig, choices_from_config, conf_dir, register_schemas, validate
+from sweeps.config import (
+    GROUPS,
+    RunConfig,
+    choices_from_config,
+    conf_dir,
+    register_schemas,
+    validate,
+)
 from sweeps.experiment import train
 from sweeps.train import Callback, DivergedError, History
 
@@ -80,7 +87,11 @@ def _total_iterations(cfg: RunConfig, n_train: int) -> int:
     t = cfg.trainer
     if t.iterations is not None:
         return t.iterations
-    per_epoch = max(n_train // t.batch_size, 1) if t.sampling == "replacement" else -(-n_train // t.batch_size)
+    per_epoch = (
+        max(n_train // t.batch_size, 1)
+        if t.sampling == "replacement"
+        else -(-n_train // t.batch_size)
+    )
     return per_epoch * t.epochs
 
 
@@ -113,8 +124,12 @@ def execute(
 
     if m.enabled:
         ctx = tracking.open_run(
-            m.tracking_uri, m.experiment_name, m.artifact_root,
-            run_name=m.run_name, tags=tags, parent_run_id=parent_run_id,
+            m.tracking_uri,
+            m.experiment_name,
+            m.artifact_root,
+            run_name=m.run_name,
+            tags=tags,
+            parent_run_id=parent_run_id,
         )
     else:
         ctx = _null_context()
@@ -125,11 +140,17 @@ def execute(
         rng = np.random.default_rng(cfg.seed)
         splits = load_splits(cfg, rng)
         run.set_tags({"data_digest": splits.digest})
-        run.log_dataset(splits.train.x, splits.train.t, f"{cfg.data.name}-train", splits.digest, "training")
+        run.log_dataset(
+            splits.train.x, splits.train.t, f"{cfg.data.name}-train", splits.digest, "training"
+        )
         if splits.val is not None:
-            run.log_dataset(splits.val.x, splits.val.t, f"{cfg.data.name}-val", splits.digest, "validation")
+            run.log_dataset(
+                splits.val.x, splits.val.t, f"{cfg.data.name}-val", splits.digest, "validation"
+            )
         probe = (splits.val if splits.val is not None else splits.train).x[: cfg.trainer.probe_size]
-        title = " ".join(f"{k}={v}" for k, v in choices.items() if k in ("optimizer", "init", "activation"))
+        title = " ".join(
+            f"{k}={v}" for k, v in choices.items() if k in ("optimizer", "init", "activation")
+        )
         # Tracking off: nothing would keep the figures or the weights, so don't draw them.
         figures, weights = m.log_figures and m.enabled, m.log_model and m.enabled
         cbs: list[Callback] = [
@@ -142,7 +163,9 @@ def execute(
         run.log_text(tracking.history_csv(history), "history.csv")
         test: dict[str, float] = {}
         if evaluate_test:
-            loss, acc = trained.model.evaluate(splits.test.x, splits.test.t, cfg.trainer.eval_batch_size)
+            loss, acc = trained.model.evaluate(
+                splits.test.x, splits.test.t, cfg.trainer.eval_batch_size
+            )
             test = {"test/loss": loss, "test/acc": acc}
             run.log_metrics(test, step=int(history.last("epoch")))
         val_acc = history.last("val/acc") if splits.val is not None else None
@@ -169,7 +192,9 @@ def _summary(outcome: Outcome) -> str:
     if outcome.val_acc is not None:
         lines.append(f"val acc   {outcome.val_acc:.4f}")
     if outcome.test:
-        lines.append(f"test acc  {outcome.test['test/acc']:.4f}  (reported only, never used for selection)")
+        lines.append(
+            f"test acc  {outcome.test['test/acc']:.4f}  (reported only, never used for selection)"
+        )
     if outcome.run_id:
         lines.append(f"MLflow run {outcome.run_id}")
         lines.append(f"open the UI: {outcome.ui}")

@@ -120,9 +120,15 @@ def git_state(path: Path | None = None) -> dict[str, str]:
             return {"git_commit": "unknown", "git_dirty": "unknown"}
         status = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=where, capture_output=True, text=True, timeout=10,
+            cwd=where,
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
-        return {"git_commit": commit.stdout.strip(), "git_dirty": str(bool(status.stdout.strip())).lower()}
+        return {
+            "git_commit": commit.stdout.strip(),
+            "git_dirty": str(bool(status.stdout.strip())).lower(),
+        }
     except (OSError, subprocess.SubprocessError):
         return {"git_commit": "unknown", "git_dirty": "unknown"}
 
@@ -218,7 +224,9 @@ class Run:
             parent = str(Path(path).parent)
             self.client.log_artifact(self.run_id, str(file), None if parent == "." else parent)
 
-    def log_dataset(self, x: np.ndarray, t: np.ndarray, name: str, digest: str, context: str) -> None:
+    def log_dataset(
+        self, x: np.ndarray, t: np.ndarray, name: str, digest: str, context: str
+    ) -> None:
         import mlflow.data
         from mlflow.entities import DatasetInput, InputTag
 
@@ -359,7 +367,8 @@ class MlflowCallback(Callback):
 
             self._histograms(model, "activations/final.png", "after training")
             self.run.log_figure(
-                learning_curves(history.epochs, history.batch_losses, self.title), "learning_curve.png"
+                learning_curves(history.epochs, history.batch_losses, self.title),
+                "learning_curve.png",
             )
         if self.log_model:
             self.run.log_npz(model.state_dict(), "model/params.npz")

@@ -57,9 +57,13 @@ class TrainSettings:
             if value is not None and not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"trainer.{key} must be null or an integer >= 1, got {value!r}")
         if self.sampling not in SAMPLING:
-            raise ValueError(f"unknown trainer.sampling {self.sampling!r}; choose from {list(SAMPLING)}")
+            raise ValueError(
+                f"unknown trainer.sampling {self.sampling!r}; choose from {list(SAMPLING)}"
+            )
         if self.gradient not in GRADIENTS:
-            raise ValueError(f"unknown trainer.gradient {self.gradient!r}; choose from {list(GRADIENTS)}")
+            raise ValueError(
+                f"unknown trainer.gradient {self.gradient!r}; choose from {list(GRADIENTS)}"
+            )
 
 
 @dataclass
@@ -105,7 +109,9 @@ def activation_stats(model: Sequential, x: np.ndarray) -> dict[str, float]:
     """Mean, std and the dead (ReLU: exactly 0) or saturated (sigmoid: < 0.05 or > 0.95;
     tanh: |a| > 0.95) fraction of each hidden activation layer's output on x."""
     stats: dict[str, float] = {}
-    for i, (a, layer_index) in enumerate(zip(model.hidden_activations(x), model.hidden, strict=True), 1):
+    for i, (a, layer_index) in enumerate(
+        zip(model.hidden_activations(x), model.hidden, strict=True), 1
+    ):
         layer = model.layers[layer_index]
         stats[f"act/{i}/mean"] = float(a.mean())
         stats[f"act/{i}/std"] = float(a.std())
@@ -143,7 +149,9 @@ def fit(
     probe = (val[0] if val is not None else x)[: settings.probe_size]
     budget = settings.iterations if settings.iterations is not None else math.inf
     iteration = 0
-    gradient = model.gradient if settings.gradient == "backprop" else partial(numerical_gradient, model)
+    gradient = (
+        model.gradient if settings.gradient == "backprop" else partial(numerical_gradient, model)
+    )
     for cb in callbacks:
         cb.on_train_start(model)
     for epoch in range(1, settings.epochs + 1 if budget == math.inf else 2**62):

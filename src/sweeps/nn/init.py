@@ -42,7 +42,9 @@ class Init:
         if self.name == "std" and not self.std > 0:
             raise ValueError(f"init.std must be > 0, got {self.std!r}")
         if self.name == "uniform" and not self.low < self.high:
-            raise ValueError(f"init.low must be < init.high, got low={self.low!r}, high={self.high!r}")
+            raise ValueError(
+                f"init.low must be < init.high, got low={self.low!r}, high={self.high!r}"
+            )
 
     def scale(self, fan_in: int, fan_out: int) -> float:
         """The standard deviation (normal schemes) used for a layer with these fans."""

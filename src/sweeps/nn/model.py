@@ -55,7 +55,9 @@ class Sequential:
             if isinstance(layer, L.Affine | L.Convolution):
                 w_index += 1
             for key in layer.params:
-                suffix = w_index if isinstance(layer, L.Affine | L.Convolution | L.BatchNorm) else ""
+                suffix = (
+                    w_index if isinstance(layer, L.Affine | L.Convolution | L.BatchNorm) else ""
+                )
                 entries.append((key in layer.decayed, f"{key}{suffix}", layer, key))
         entries.sort(key=lambda e: not e[0])  # stable: decayed weights first
         sizes = [e[2].params[e[3]].size for e in entries]
@@ -133,7 +135,10 @@ class Sequential:
     def predict(self, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
         """Predicted class per sample (evaluation mode)."""
         return np.concatenate(
-            [self.forward(x[i : i + batch_size]).argmax(axis=1) for i in range(0, len(x), batch_size)]
+            [
+                self.forward(x[i : i + batch_size]).argmax(axis=1)
+                for i in range(0, len(x), batch_size)
+            ]
         )
 
     def hidden_activations(self, x: np.ndarray) -> list[np.ndarray]:
@@ -282,13 +287,20 @@ def simple_convnet(
     conv_h = (H + 2 * pad - filter_size) // stride + 1
     conv_w = (W + 2 * pad - filter_size) // stride + 1
     if conv_h < 2 or conv_w < 2:
-        raise ValueError(f"input {input_shape} is too small for a {filter_size}x{filter_size} filter")
+        raise ValueError(
+            f"input {input_shape} is too small for a {filter_size}x{filter_size} filter"
+        )
     flat = filters * (conv_h // 2) * (conv_w // 2)
     Act = ACTIVATIONS[activation]
     layers: list[L.Layer] = [_conv(C, filters, filter_size, init, rng, dtype, stride, pad)]
     if batchnorm:
         layers.append(_bn(filters, dtype))
-    layers += [Act(), L.MaxPooling(2, 2, 2), L.Flatten(), _dense(flat, hidden_size, init, rng, dtype)]
+    layers += [
+        Act(),
+        L.MaxPooling(2, 2, 2),
+        L.Flatten(),
+        _dense(flat, hidden_size, init, rng, dtype),
+    ]
     hidden = [len(layers) - 4]
     if batchnorm:
         layers.append(_bn(hidden_size, dtype))
