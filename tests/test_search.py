@@ -342,6 +342,7 @@ def test_pruning_prunes_trials_that_do_not_learn(tmp_path, mlflow_store):
         )
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the diverging trials
 def test_failures_are_recorded_and_the_limit_stops_the_study(tmp_path, mlflow_store, capsys):
     storage = str(tmp_path / "journal.log")
     diverge = ["model.loss=mse", "search.params.lr.low=1e5", "search.params.lr.high=1e6"]
@@ -374,6 +375,7 @@ def test_failures_are_recorded_and_the_limit_stops_the_study(tmp_path, mlflow_st
     assert "no trial completed" in err and "max_failures" not in err
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the diverging trials
 def test_a_failing_trial_does_not_stop_the_study(tmp_path, mlflow_store):
     storage = str(tmp_path / "journal.log")
     args = [
