@@ -250,7 +250,7 @@ def compose_jobs(experiment: str, jobs: Sequence[Sequence[str]]) -> list[Job]:
     with _hydra():
         for job in jobs:
             parsed = parser.parse_overrides(list(job))
-            groups = tuple(o.input_line for o in parsed if o.key_or_group in GROUP_KEYS)
+            groups = tuple(str(o.input_line) for o in parsed if o.key_or_group in GROUP_KEYS)
             if groups not in bases:
                 hc = _compose(groups, return_hydra_config=True)
                 choices = {g: str(hc.hydra.runtime.choices.get(g)) for g in GROUPS}
@@ -264,8 +264,9 @@ def compose_jobs(experiment: str, jobs: Sequence[Sequence[str]]) -> list[Job]:
                     OmegaConf.update(dcfg, o.key_or_group, o.value(), merge=False)
             cfg = validate(dcfg)
             cfg.experiment = experiment
-            resolved = OmegaConf.to_container(dcfg, resolve=True)
-            assert isinstance(resolved, dict)
+            container = OmegaConf.to_container(dcfg, resolve=True)
+            assert isinstance(container, dict)
+            resolved = {str(k): v for k, v in container.items()}
             resolved["experiment"] = experiment
             out.append(Job(list(job), cfg, resolved, dict(choices)))
     return out
@@ -527,13 +528,15 @@ def download(run_id: str, path: str, setting: Setting | None = None) -> Path:
 def run_config(run_id: str, setting: Setting | None = None) -> RunConfig:
     """The validated RunConfig a run trained with: its group choices (tags) composed, then
     its saved ``config.yaml`` merged on top."""
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
     s = setting or Setting.from_env()
     tags = s.client().get_run(run_id).data.tags
     base = _compose([f"{g}={tags[g]}" for g in GROUPS if g in tags])
     saved = OmegaConf.load(download(run_id, "config.yaml", s))
-    return validate(OmegaConf.merge(base, saved))
+    merged = OmegaConf.merge(base, saved)
+    assert isinstance(merged, DictConfig)
+    return validate(merged)
 
 
 @dataclass

@@ -453,7 +453,8 @@ def draw_importances(study, spec: Mapping) -> Figure:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ax = vis.plot_param_importances(A.study_view(study, spec))
-    fig = ax.figure
+    fig = ax.get_figure(root=True)
+    assert isinstance(fig, Figure)
     fig.set_size_inches(6, 2.6)
     fig.set_layout_engine("constrained")
     return fig
@@ -466,7 +467,7 @@ def draw_filters(before: np.ndarray, after: np.ndarray) -> Figure:
     cols = min(n, 10)
     rows = math.ceil(n / cols)
     fig = _figure(cols * 0.75, 2 * rows * 0.8 + 0.7)
-    subs = fig.subfigures(2, 1)
+    subs = np.asarray(fig.subfigures(2, 1)).ravel()
     for sub, W, title in ((subs[0], before, "before training"), (subs[1], after, "after training")):
         axes = np.atleast_1d(sub.subplots(rows, cols)).ravel()
         for ax, w in zip(axes, W[:, 0], strict=False):
