@@ -111,7 +111,7 @@ def compose(overrides: Sequence[str]) -> RunConfig:
     from hydra import initialize_config_dir
 
     register_schemas()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
         return validate(hydra_compose(config_name="config", overrides=list(overrides)))
 
 
