@@ -536,7 +536,13 @@ def test_sigkill_mid_study_then_rerun_finishes_the_exact_budget(tmp_path, mlflow
         for r in mlflow_runs(mlflow_store, "kill")
         if r.data.tags.get("trial_number") in map(str, killed)
     ]
-    assert killed_runs and all(r.info.status == "KILLED" for r in killed_runs)
+    # Its run ends KILLED; or FINISHED when the kill came after its training had ended but
+    # before the worker could record the trial (the launcher died holding the journal lock).
+    # Either way the run is closed and says its trial failed, and the slot ran again.
+    assert killed_runs
+    for r in killed_runs:
+        assert r.info.status in ("KILLED", "FINISHED"), r.info.status
+        assert r.data.tags.get("trial_state") == "FAIL", r.data.tags
 
 
 @pytest.mark.slow
