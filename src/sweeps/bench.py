@@ -40,7 +40,7 @@ import numpy as np
 from threadpoolctl import threadpool_info
 
 from sweeps import data as D
-from sweeps.config import RunConfig, conf_dir, register_schemas, validate
+from sweeps.config import RunConfig, load
 from sweeps.experiment import build_model, train
 from sweeps.train import Callback
 
@@ -107,12 +107,7 @@ def blas_threads() -> int:
 
 def compose(overrides: Sequence[str]) -> RunConfig:
     """A RunConfig composed from ``conf/`` with Hydra's Compose API, as ``sweeps.run`` does."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    register_schemas()
-    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        return validate(hydra_compose(config_name="config", overrides=list(overrides)))
+    return load(overrides)
 
 
 def random_splits(n: int, sample_shape: tuple[int, ...], seed: int = 1234) -> D.Splits:

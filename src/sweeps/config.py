@@ -12,6 +12,7 @@ plain dataclasses.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -393,6 +394,31 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "model": {"mlp": MLPConf, "simple_cnn": SimpleCNNConf, "deep_cnn": DeepCNNConf},
     "data": {"data": DataConf},
 }
+
+
+def compose(
+    overrides: Sequence[str] = (),
+    *,
+    config_name: str = "config",
+    return_hydra_config: bool = False,
+    conf: Path | None = None,
+) -> DictConfig:
+    """Compose ``config_name`` from ``conf`` (default: ``conf_dir()``) with Hydra's Compose
+    API and these overrides, exactly as ``python -m sweeps.run`` would. Registers the run
+    schemas first; a caller composing another root registers its own schemas before."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_schemas()
+    with initialize_config_dir(str(conf or conf_dir()), version_base="1.3"):
+        return hydra_compose(
+            config_name, overrides=list(overrides), return_hydra_config=return_hydra_config
+        )
+
+
+def load(overrides: Sequence[str] = ()) -> RunConfig:
+    """The validated RunConfig for these overrides (``validate(compose(overrides))``)."""
+    return validate(compose(overrides))
 
 
 def register_schemas() -> None:

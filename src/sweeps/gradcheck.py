@@ -356,13 +356,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _compose(overrides: Sequence[str]) -> RunConfig:
-    from hydra import compose, initialize_config_dir
+    from sweeps.config import load
 
-    from sweeps.config import conf_dir, register_schemas, validate
-
-    register_schemas()
-    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        return validate(compose("config", overrides=list(overrides)))
+    return load(overrides)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -35,7 +35,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from sweeps.config import GROUPS, conf_dir, register_schemas, validate
+from sweeps.config import GROUPS, compose, conf_dir, validate
 from sweeps.diff import (
     BOOKKEEPING,
     Change,
@@ -165,11 +165,7 @@ def _opt(v: Any) -> str:
 
 
 def _compose(overrides: Sequence[str], conf: Path):
-    from hydra import compose, initialize_config_dir
-
-    register_schemas()
-    with initialize_config_dir(str(conf), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+    return compose(overrides, conf=conf)
 
 
 def plain(dcfg) -> dict[str, Any]:

@@ -66,7 +66,7 @@ from typing import Any, cast
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
-from sweeps.config import GROUPS, MlflowConf, conf_dir, register_schemas
+from sweeps.config import GROUPS, MlflowConf, compose, conf_dir, register_schemas
 from sweeps.train import Callback
 
 log = logging.getLogger("sweeps.search")
@@ -388,11 +388,8 @@ def register_search_schemas() -> None:
 
 def compose_search(overrides: Sequence[str] = ()) -> DictConfig:
     """The composed root search config (conf/search_config.yaml + overrides)."""
-    from hydra import compose, initialize_config_dir
-
     register_search_schemas()
-    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        return compose("search_config", overrides=list(overrides))
+    return compose(overrides, config_name="search_config")
 
 
 def validate_search(dcfg: DictConfig) -> SearchConfig:
@@ -882,13 +879,9 @@ class Pruning(Callback):
 
 def compose_trial(overrides: Sequence[str]):
     """What ``python -m sweeps.run <overrides>`` composes: (RunConfig, resolved dict, choices)."""
-    from hydra import compose, initialize_config_dir
-
     from sweeps.config import validate
 
-    register_schemas()
-    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        dcfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    dcfg = compose(overrides, return_hydra_config=True)
     runtime = dcfg.hydra.runtime.choices
     choices = {g: runtime.get(g) for g in GROUPS}
     experiment = runtime.get("experiment")
