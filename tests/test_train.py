@@ -18,7 +18,7 @@ SMALL = ["model.hidden_sizes=[30]", "data.synthetic_train=300", "data.synthetic_
 
 def history_arrays(history) -> dict[str, np.ndarray]:
     """Every recorded series except wall-clock time."""
-    keys = [k for k in history.epochs[0] if k != "time/epoch"]
+    keys = [k for k in history.epochs[0] if not k.startswith("time/")]
     out = {k: history.series(k) for k in keys}
     out["batch_losses"] = np.array(history.batch_losses)
     return out

@@ -274,6 +274,7 @@ class DeepCNNConf(ModelConf):
 # -- data ----------------------------------------------------------------------------------
 
 SCALES = ("unit", "raw", "offset")
+VALIDATIONS = ("holdout", "test")
 
 
 @dataclass
@@ -281,13 +282,21 @@ class DataConf:
     """``name``: mnist (the real set) or synthetic (tiny generated digits, for tests).
     The book's protocol: take the first ``train_size`` training samples (null: all), shuffle
     them with the run's seed and hold out ``val_fraction`` as validation. ``test_size`` cuts
-    the test set (null: all 10000)."""
+    the test set (null: all 10000).
+
+    Two switches exist only to reproduce source systems that break this protocol:
+    ``shuffle: false`` keeps the training file's order (needs val_fraction 0), and
+    ``validation: test`` evaluates the test set as the per-epoch validation set (the Keras
+    ``validation_data=(x_test, y_test)`` habit; needs val_fraction 0). Such runs report
+    test accuracy, but it has been watched during training: never select on it."""
 
     name: str = "mnist"
     train_size: int | None = None
     val_fraction: float = 0.2
     test_size: int | None = None
     scale: str = "unit"
+    shuffle: bool = True
+    validation: str = "holdout"
     root: str | None = None
     synthetic_train: int = 600
     synthetic_test: int = 200
@@ -303,6 +312,15 @@ class DataConf:
                 raise ValueError(f"data.{key} must be null or >= 2, got {value!r}")
         if self.scale not in SCALES:
             raise ValueError(f"unknown data.scale {self.scale!r}; choose from {list(SCALES)}")
+        if self.validation not in VALIDATIONS:
+            raise ValueError(
+                f"unknown data.validation {self.validation!r}; choose from {list(VALIDATIONS)}"
+            )
+        for key, off in (("shuffle", False), ("validation", "test")):
+            if getattr(self, key) == off and self.val_fraction != 0:
+                raise ValueError(
+                    f"data.{key}={off!r} needs data.val_fraction=0, got {self.val_fraction!r}"
+                )
 
 
 # -- trainer, tracking, run ------------------------------------------------------------------

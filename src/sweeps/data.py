@@ -870,6 +870,7 @@ def make_splits(
     val_fraction: float,
     rng: np.random.Generator,
     test_size: int | None = None,
+    shuffle: bool = True,
 ) -> Splits:
     """The book's hold-out protocol (ch. 6.5).
 
@@ -878,6 +879,8 @@ def make_splits(
     ``round(val_fraction * n)`` as validation and keep the rest for training.
     ``val_fraction`` in [0, 1); 0 gives ``val=None``. ``test_size`` keeps the first K test
     samples (all if None). The test set is never shuffled or mixed into training.
+    ``shuffle=False`` keeps the file order (no permutation; only with ``val_fraction == 0``,
+    for source systems that train on the file in order).
     Arrays are copies (fancy indexing), except ``test`` which is a view/the input.
     """
     available = len(train)
@@ -916,7 +919,12 @@ def make_splits(
             "val_fraction)"
         )
 
-    perm = rng.permutation(n)
+    if not shuffle and val_fraction > 0:
+        raise ValueError(
+            f"shuffle=False needs val_fraction=0 (a validation split must be drawn at random), "
+            f"got val_fraction={val_fraction}"
+        )
+    perm = rng.permutation(n) if shuffle else np.arange(n)
     x, t = train.x[:n][perm], train.t[:n][perm]
     val = Dataset(x[:n_val], t[:n_val]) if val_fraction > 0 else None
     tr = Dataset(x[n_val:], t[n_val:])

@@ -7,6 +7,7 @@ DictConfig, and knows nothing of MLflow or Optuna: those come in as callbacks.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,14 +40,18 @@ def load_splits(cfg: RunConfig, rng: np.random.Generator) -> D.Splits:
         train, test = D.load_dataset("synthetic", **kw)
     else:
         train, test = D.load_dataset(d.name, d.root, **kw)
-    return D.make_splits(
+    splits = D.make_splits(
         train,
         test,
         train_size=d.train_size,
         val_fraction=d.val_fraction,
         rng=rng,
         test_size=d.test_size,
+        shuffle=d.shuffle,
     )
+    if d.validation == "test":  # a source system's protocol (Keras validation_data=test)
+        splits = dataclasses.replace(splits, val=splits.test)
+    return splits
 
 
 def build_model(

@@ -320,7 +320,7 @@ class MlflowCallback(Callback):
 
     Per iteration: ``train/batch_loss`` every ``batch_loss_every`` steps, buffered in memory.
     Per epoch (one log_batch request): ``train/loss``, ``train/acc``, ``val/loss``,
-    ``val/acc``, the per-layer activation statistics ``act/<layer>/<stat>``, ``time/epoch``,
+    ``val/acc``, the per-layer activation statistics ``act/<layer>/<stat>``, ``time/epoch``, ``time/step``,
     and the buffered batch losses. At the start and the end: per-layer activation histograms
     on ``probe`` inputs; at the end: the learning-curve figure and the parameters as .npz.
     """

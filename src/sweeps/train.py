@@ -155,7 +155,7 @@ def fit(
     for cb in callbacks:
         cb.on_train_start(model)
     for epoch in range(1, settings.epochs + 1 if budget == math.inf else 2**62):
-        start = time.perf_counter()
+        start, first = time.perf_counter(), iteration
         for idx in batches(x.shape[0], settings.batch_size, settings.sampling, rng):
             loss = gradient(x[idx], t[idx])
             if weight_decay.strength:
@@ -173,7 +173,12 @@ def fit(
             if iteration >= budget:
                 break
         train_time = time.perf_counter() - start
-        metrics = {"epoch": float(epoch), "iteration": float(iteration), "time/epoch": train_time}
+        metrics = {
+            "epoch": float(epoch),
+            "iteration": float(iteration),
+            "time/epoch": train_time,
+            "time/step": train_time / max(iteration - first, 1),
+        }
         metrics["train/loss"], metrics["train/acc"] = model.evaluate(
             x[:n_eval], t[:n_eval], settings.eval_batch_size
         )
