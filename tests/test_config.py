@@ -31,7 +31,9 @@ def options(group: str) -> list[str]:
 
 
 EXPERIMENTS = options("experiment")
-BOOK_EXPERIMENTS = sorted(set(EXPERIMENTS) - {"quick"})
+BOOK_EXPERIMENTS = sorted(
+    set(EXPERIMENTS) - {"quick", "myonn", "myonn_notebook", "dlwp_naive", "keras_mlp", "keras_mlp_cookbook"}
+)
 
 
 def test_the_config_groups_on_disk_are_the_known_groups():
@@ -192,7 +194,119 @@ PROTOCOLS: dict[str, dict[str, object]] = {
         "trainer.sampling": "replacement",
     },
     "quick": {"data.train_size": 2000, "trainer.epochs": 2},
+    # The source systems of issue #6, each checked against the protocol its source states.
+    "book_ch04": {
+        "data.train_size": None,
+        "data.val_fraction": 0.0,
+        "data.scale": "unit",
+        "model.hidden_sizes": [50],
+        "model.loss": "softmax_ce",
+        "activation.name": "sigmoid",
+        "init.name": "std",
+        "init.std": 0.01,
+        "optimizer.name": "sgd",
+        "optimizer.lr": 0.1,
+        "trainer.batch_size": 100,
+        "trainer.sampling": "replacement",
+        "trainer.iterations": 10000,
+        "trainer.gradient": "backprop",
+    },
+    "book_ch04_numerical": {
+        "model.hidden_sizes": [50],
+        "activation.name": "sigmoid",
+        "init.std": 0.01,
+        "optimizer.lr": 0.1,
+        "trainer.batch_size": 100,
+        "trainer.gradient": "numerical",
+        "dtype": "float64",
+    },
+    "book_ch05": {
+        "data.train_size": None,
+        "data.val_fraction": 0.0,
+        "model.hidden_sizes": [50],
+        "activation.name": "relu",
+        "init.name": "std",
+        "init.std": 0.01,
+        "optimizer.name": "sgd",
+        "optimizer.lr": 0.1,
+        "trainer.batch_size": 100,
+        "trainer.sampling": "replacement",
+        "trainer.iterations": 10000,
+    },
+    "myonn": {
+        "data.train_size": None,
+        "data.val_fraction": 0.0,
+        "data.scale": "offset",
+        "data.shuffle": False,
+        "model.hidden_sizes": [200],
+        "model.bias": False,
+        "model.output_activation": "sigmoid",
+        "model.loss": "mse",
+        "model.mse_targets": [0.01, 0.99],
+        "activation.name": "sigmoid",
+        "init.name": "receiving",
+        "optimizer.name": "sgd",
+        "optimizer.lr": 0.2,
+        "trainer.batch_size": 1,
+        "trainer.sampling": "sequential",
+        "trainer.epochs": 2,
+        "trainer.iterations": None,
+    },
+    "myonn_notebook": {
+        "data.scale": "offset",
+        "data.shuffle": False,
+        "model.hidden_sizes": [200],
+        "model.bias": False,
+        "model.loss": "mse",
+        "init.name": "xavier",
+        "optimizer.lr": 0.1,
+        "trainer.batch_size": 1,
+        "trainer.epochs": 5,
+    },
+    "dlwp_naive": {
+        "data.train_size": None,
+        "data.val_fraction": 0.0,
+        "data.scale": "unit",
+        "data.shuffle": False,
+        "model.hidden_sizes": [512],
+        "model.bias": True,
+        "activation.name": "relu",
+        "init.name": "uniform",
+        "init.low": 0.0,
+        "init.high": 0.1,
+        "optimizer.name": "sgd",
+        "optimizer.lr": 0.001,
+        "trainer.batch_size": 128,
+        "trainer.sampling": "sequential",
+        "trainer.epochs": 10,
+        "trainer.iterations": None,
+    },
+    "keras_mlp": {
+        "data.train_size": None,
+        "data.val_fraction": 0.0,
+        "data.scale": "raw",
+        "data.validation": "test",
+        "model.hidden_sizes": [1000],
+        "activation.name": "relu",
+        "init.name": "glorot_uniform",
+        "optimizer.name": "adam",
+        "optimizer.lr": 0.001,
+        "optimizer.eps": 1e-7,
+        "trainer.batch_size": 64,
+        "trainer.sampling": "shuffle",
+        "trainer.epochs": 50,
+    },
+    "keras_mlp_cookbook": {
+        "data.scale": "raw",
+        "data.validation": "test",
+        "model.hidden_sizes": [1000],
+        "init.name": "glorot_uniform",
+        "optimizer.name": "adam",
+        "trainer.batch_size": 1024,
+        "trainer.epochs": 500,
+    },
 }
+SOURCE_EXPERIMENTS = {"myonn", "myonn_notebook", "dlwp_naive", "keras_mlp", "keras_mlp_cookbook"}
 
 # What `python -m sweeps.run -m experiment=<name>` sweeps by itself (hydra.sweeper.params).
 SWEEPS: dict[str, dict[str, list]] = {
@@ -201,6 +315,10 @@ SWEEPS: dict[str, dict[str, list]] = {
     "batchnorm_compare": {"batchnorm": ["on", "off"], "init.std": list(np.logspace(0, -4, num=16))},
     "overfit_weight_decay": {"weight_decay": ["l2", "off"]},
     "overfit_dropout": {"dropout": ["on", "off"]},
+    **{
+        name: {"seed": [0, 1, 2]}
+        for name in ("book_ch04", "book_ch05", "myonn", "myonn_notebook", "dlwp_naive", "keras_mlp")
+    },
 }
 
 
@@ -224,7 +342,16 @@ def test_overlay_header_and_comment(name):
     comment = "\n".join(line for line in lines if line.startswith("#"))
     if name in BOOK_EXPERIMENTS:
         assert "ch0" in comment, f"{name}.yaml does not name the book script"
-        assert "iffer" in comment or "Same protocol" in comment, f"{name}.yaml: say what differs"
+        assert "iffer" in comment or "Same protocol" in comment or "Matched exactly" in comment, (
+            f"{name}.yaml: say what differs"
+        )
+    if name in SOURCE_EXPERIMENTS:
+        assert any(src in comment for src in ("Neural Network", "Deep Learning with Python", "Keras")), (
+            f"{name}.yaml does not name its source"
+        )
+        assert "iffer" in comment or "Matched exactly" in comment or "protocol" in comment, (
+            f"{name}.yaml: say what could not be matched"
+        )
 
 
 def test_every_experiment_is_checked_against_the_book():
