@@ -57,6 +57,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from sweeps.locks import flock
+
 __all__ = [
     "DATASETS",
     "MNIST_FILES",
@@ -376,20 +378,9 @@ def _cache_status(root: Path) -> dict[str, str]:
     return {name: problems.get(name, "ok") for name in MNIST_FILES}
 
 
-@contextlib.contextmanager
-def _cache_lock(root: Path) -> Iterator[None]:
-    """Exclusive inter-process lock on ``root/.lock`` (no-op where fcntl is unavailable)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX
-        yield
-        return
-    with open(root / ".lock", "a+b") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+def _cache_lock(root: Path) -> contextlib.AbstractContextManager[None]:
+    """Exclusive inter-process lock on ``root/.lock``."""
+    return flock(root / ".lock")
 
 
 def _remove_stale_temp_files(root: Path) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 import sweeps
+from sweeps.locks import flock
 from sweeps.train import Callback, DivergedError, History
 
 log = logging.getLogger(__name__)
@@ -147,10 +148,16 @@ def ui_command(tracking_uri: str) -> str:
 
 
 def get_client(tracking_uri: str):
+    """A client whose store is ready. A local SQLite store is created (tables and migrations)
+    under a lock beside the database file: two processes opening a new store at once would
+    otherwise race to create the same tables, and one of them fail."""
     from mlflow import MlflowClient
 
     local_store_paths(tracking_uri)
-    return MlflowClient(tracking_uri=tracking_uri)
+    if not tracking_uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=tracking_uri)
+    with flock(Path(tracking_uri.removeprefix("sqlite:///") + ".init.lock")):
+        return MlflowClient(tracking_uri=tracking_uri)  # builds (and caches) the store
 
 
 def ensure_experiment(client, name: str, artifact_root: str, tracking_uri: str) -> str:
