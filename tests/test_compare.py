@@ -18,6 +18,7 @@ from sweeps.compare import (
     Comparison,
     compare,
     describe,
+    holm,
     infer_direction,
     main,
     summarize,
@@ -126,6 +127,47 @@ def test_baseline_or_all_pairs():
     ]
     with pytest.raises(ValueError, match="unknown baseline 'rmsprop'"):
         summarize(s, maximize=True, baseline="rmsprop")
+
+
+def test_holm_matches_a_hand_computation():
+    # sorted: 0.005 (x4 = 0.02), 0.01 (x3 = 0.03), 0.03 (x2 = 0.06), 0.04 (x1 = 0.04 -> the
+    # running maximum 0.06 keeps the order)
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02], rel=1e-12)
+    # a test without a p-value is not in the family: m = 2
+    adjusted = holm([0.01, math.nan, 0.04])
+    assert adjusted[0] == pytest.approx(0.02) and adjusted[2] == pytest.approx(0.04)
+    assert math.isnan(adjusted[1])
+    assert holm([0.5, 0.6]) == [1.0, 1.0]  # 0.5 x 2 capped at 1, then the running maximum
+    assert holm([0.03]) == [0.03] and holm([]) == []
+
+
+# Two groups each a little better than the baseline on the same four seeds: both raw p-values
+# are below 0.05, Holm's are not.
+BASE = {"0": 0.90, "1": 0.92, "2": 0.91, "3": 0.93}
+X = {s: round(BASE[s] + d, 4) for s, d in zip("0123", (0.02, 0.01, 0.03, 0.008), strict=True)}
+Y = {s: round(BASE[s] + d, 4) for s, d in zip("0123", (0.03, 0.01, 0.02, 0.01), strict=True)}
+
+
+def test_holm_decides_the_verdicts_of_several_tests():
+    samples = {"base": BASE, "x": X, "y": Y}
+    _, tests = summarize(samples, maximize=True, baseline="base")
+    px = stats.ttest_rel([X[s] for s in "0123"], [BASE[s] for s in "0123"]).pvalue
+    py = stats.ttest_rel([Y[s] for s in "0123"], [BASE[s] for s in "0123"]).pvalue
+    assert py < px < 0.05  # both "better" without a correction
+    by = {t.group: t for t in tests}
+    assert (by["x"].p, by["y"].p) == pytest.approx((px, py), rel=1e-12)
+    # by hand: py is the smaller, x2; px is the larger, x1, then the running maximum
+    assert by["y"].p_adj == pytest.approx(2 * py, rel=1e-12)
+    assert by["x"].p_adj == pytest.approx(max(2 * py, px), rel=1e-12)
+    assert by["x"].p_adj > 0.05 and by["y"].p_adj > 0.05
+    assert {t.verdict for t in tests} == {"not distinguishable at 5%"}
+    _, raw = summarize(samples, maximize=True, baseline="base", correction="none")
+    assert [(t.verdict, t.p_adj) for t in raw] == [("better", t.p) for t in raw]
+    # one test: nothing to correct
+    _, one = summarize({"base": BASE, "x": X}, maximize=True)
+    assert one[0].p_adj == one[0].p and one[0].verdict == "worse"  # base vs x
+    with pytest.raises(ValueError, match=r"unknown correction 'bonf'; choose from \['holm'"):
+        summarize(samples, maximize=True, correction="bonf")
 
 
 # -- against an MLflow store ---------------------------------------------------------------
@@ -248,18 +290,24 @@ def test_outputs_table_csv_figure_and_comparison_run(store, tmp_path):
     c = compare(by=["optimizer"], baseline="sgd", tracking_uri=store["uri"])
     text = c.render()
     assert "95% CI" in text and "paired (n=5)" in text and "better" in text
+    assert "p adj: Holm-Bonferroni over 2 tests; the verdicts use p adj" in text
     md = c.render(markdown=True)
     assert "| group | n | mean | sd | 95% CI |" in md
+    assert "| p | p adj | verdict |" in md
     out = c.write(tmp_path / "cmp")
     groups = pd.read_csv(out / "groups.csv")
     assert list(groups["group"]) == ["adam", "momentum", "sgd"]
     assert groups.loc[2, "mean"] == pytest.approx(np.mean(FINAL["sgd"]))
-    assert set(pd.read_csv(out / "tests.csv")["verdict"]) == {"better"}
+    tests = pd.read_csv(out / "tests.csv")
+    assert set(tests["verdict"]) == {"better"}
+    assert list(tests["p_adj"]) == pytest.approx(holm(list(tests["p"])), rel=1e-9)
+    assert set(tests["correction"]) == {"holm"}
     assert len(pd.read_csv(out / "runs.csv")) == 15
     assert (out / "curves.png").stat().st_size > 1000
     run_id = c.log(store["uri"], "sweeps")
     run = store["client"].get_run(run_id)
     assert run.data.tags["sweeps.kind"] == "comparison"
+    assert run.data.tags["compare.correction"] == "holm"
     assert run.data.metrics["sgd/mean"] == pytest.approx(np.mean(FINAL["sgd"]))
     arts = {a.path for a in store["client"].list_artifacts(run_id)}
     assert {"groups.csv", "tests.csv", "runs.csv", "curves.png", "comparison.txt"} <= arts
@@ -303,6 +351,11 @@ def test_cli(store, tmp_path, capsys):
         == 2
     )
     assert "unknown baseline 'rmsprop'" in capsys.readouterr().err
+    rc = main(
+        ["--tracking-uri", store["uri"], "--by", "optimizer", "--correction", "none", "--no-log"]
+    )
+    assert rc == 0
+    assert "no correction for multiple comparisons (p adj = p)" in capsys.readouterr().out
 
 
 def test_figure_has_one_band_per_group(store):

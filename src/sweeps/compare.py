@@ -23,9 +23,14 @@ Two groups that have runs for exactly the same set of seeds (n >= 2) get a paire
 the per-seed differences (scipy.stats.ttest_rel); otherwise Welch's t-test
 (scipy.stats.ttest_ind, equal_var=False). "diff" is group minus baseline (or first minus
 second), with the test's confidence interval. The verdict reads from the group's side:
-"better" or "worse" when p < alpha (using the metric's direction: higher is better for
-accuracies, lower for losses, or ``--direction``), else "not distinguishable at 5%".
-No correction for multiple comparisons is applied.
+"better" or "worse" when the adjusted p < alpha (using the metric's direction: higher is
+better for accuracies, lower for losses, or ``--direction``), else "not distinguishable at 5%".
+
+Multiple comparisons: with two or more tests (three or more groups), the p-values are
+adjusted with Holm's step-down method (Holm-Bonferroni, which controls the family-wise error
+rate at alpha) over the tests that have a p-value, and the verdicts use the adjusted p.
+The tables and tests.csv show the raw ``p`` and the adjusted ``p_adj``; the confidence
+intervals of the differences are not adjusted. ``--correction none`` turns it off.
 
 Outputs: the tables in the terminal (``--markdown`` for Markdown), ``--out DIR`` for
 groups.csv, tests.csv, runs.csv and curves.png (the metric per step, per group: mean and
@@ -45,7 +50,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +64,7 @@ log = logging.getLogger("sweeps.compare")
 COMPARISON_KIND = "comparison"  # value of the ``sweeps.kind`` tag on a comparison run
 # Params that vary between the repeats of one configuration by design.
 PER_REPEAT = ("seed", "sweep_id", "experiment")
+CORRECTIONS = ("holm", "none")
 
 
 # -- statistics ------------------------------------------------------------------------------
@@ -117,6 +123,21 @@ class PairTest:
     df: float
     p: float
     verdict: str
+    p_adj: float = math.nan  # p adjusted for multiple comparisons (= p for a single test)
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment (Holm 1979): sort the m p-values ascending, multiply the
+    i-th smallest (i = 1..m) by m - i + 1, carry the running maximum so the order is kept,
+    and cap at 1. NaN p-values (no test) are left out of m and stay NaN."""
+    idx = [i for i, p in enumerate(pvalues) if not math.isnan(p)]
+    m = len(idx)
+    out = [math.nan] * len(pvalues)
+    running = 0.0
+    for rank, i in enumerate(sorted(idx, key=lambda i: pvalues[i])):
+        running = max(running, (m - rank) * pvalues[i])
+        out[i] = min(1.0, running)
+    return out
 
 
 def verdict(diff: float, p: float, maximize: bool, alpha: float) -> str:
@@ -159,7 +180,7 @@ def ttest_groups(
     return PairTest(
         label, baseline, kind, n, diff,
         ci_low=float(ci.low), ci_high=float(ci.high), statistic=float(res.statistic),
-        df=float(res.df), p=p, verdict=verdict(diff, p, maximize, alpha),
+        df=float(res.df), p=p, verdict=verdict(diff, p, maximize, alpha), p_adj=p,
     )  # fmt: skip
 
 
@@ -169,11 +190,15 @@ def summarize(
     maximize: bool,
     baseline: str | None = None,
     alpha: float = 0.05,
+    correction: str = "holm",
 ) -> tuple[list[GroupStats], list[PairTest]]:
     """Per-group statistics and the tests, from {group label: {seed: value}}.
 
-    With ``baseline``: each other group against it. Without: every pair, in label order."""
+    With ``baseline``: each other group against it. Without: every pair, in label order.
+    ``correction="holm"``: the verdicts use Holm-adjusted p-values (``p_adj``)."""
     labels = sorted(samples)
+    if correction not in CORRECTIONS:
+        raise ValueError(f"unknown correction {correction!r}; choose from {list(CORRECTIONS)}")
     if baseline is not None and baseline not in samples:
         raise ValueError(f"unknown baseline {baseline!r}; choose from {labels}")
     groups = [describe(g, list(samples[g].values()), 1 - alpha, list(samples[g])) for g in labels]
@@ -184,6 +209,14 @@ def summarize(
     tests = [
         ttest_groups(g, samples[g], h, samples[h], maximize=maximize, alpha=alpha) for g, h in pairs
     ]
+    if correction == "holm":
+        adjusted = holm([t.p for t in tests])
+        tests = [
+            t if t.test == "none" else replace(
+                t, p_adj=q, verdict=verdict(t.diff, q, maximize, alpha)
+            )
+            for t, q in zip(tests, adjusted, strict=True)
+        ]  # fmt: skip
     return groups, tests
 
 
@@ -251,10 +284,26 @@ class Comparison:
     selection: str  # how the runs were picked, in words
     experiment_id: str | None = None
     notes: list[str] = field(default_factory=list)
+    correction: str = "holm"
 
     @property
     def confidence(self) -> float:
         return 1 - self.alpha
+
+    @property
+    def n_tested(self) -> int:
+        """The size of the family the correction runs over: the tests with a p-value."""
+        return sum(not math.isnan(t.p) for t in self.tests)
+
+    def correction_text(self) -> str:
+        if self.correction == "none":
+            return "no correction for multiple comparisons (p adj = p)"
+        if self.n_tested < 2:
+            return "a single test, so no correction for multiple comparisons (p adj = p)"
+        return (
+            f"p adj: Holm-Bonferroni over {self.n_tested} tests; the verdicts use p adj, "
+            "the CIs of the differences are not adjusted"
+        )
 
     def groups_frame(self):
         import pandas as pd
@@ -290,6 +339,8 @@ class Comparison:
                 "t": t.statistic,
                 "df": t.df,
                 "p": t.p,
+                "p_adj": t.p_adj,
+                "correction": self.correction if self.n_tested >= 2 else "none",
                 "verdict": t.verdict,
             }
             for t in self.tests
@@ -323,7 +374,8 @@ class Comparison:
             out += [
                 "",
                 f"tests, {against} (paired t-test on per-seed differences when both groups "
-                "have the same seeds, else Welch's t-test; diff = group - vs):",
+                "have the same seeds, else Welch's t-test; diff = group - vs);",
+                self.correction_text() + ":",
                 "",
             ]
             rows = [
@@ -334,13 +386,14 @@ class Comparison:
                     _f(t.diff, signed=True),
                     f"[{_f(t.ci_low, signed=True)}, {_f(t.ci_high, signed=True)}]",
                     _p(t.p),
+                    _p(t.p_adj),
                     t.verdict,
                 ]
                 for t in self.tests
             ]
             out.append(
                 table(
-                    ["group", "vs", "test", "diff", f"{pct} CI of diff", "p", "verdict"],
+                    ["group", "vs", "test", "diff", f"{pct} CI of diff", "p", "p adj", "verdict"],
                     rows,
                     markdown,
                 )
@@ -407,6 +460,7 @@ class Comparison:
             "compare.summary": self.summary,
             "compare.by": ",".join(self.by),
             "compare.baseline": self.baseline or "(all pairs)",
+            "compare.correction": self.correction if self.n_tested >= 2 else "none",
             "compare.selection": self.selection[:5000],
             "compare.runs": ids if len(ids) <= 5000 else f"{len(self.runs)} runs, see runs.csv",
         }
@@ -479,6 +533,7 @@ def compare(
     direction: str = "auto",
     baseline: str | None = None,
     alpha: float = 0.05,
+    correction: str = "holm",
     tracking_uri: str | None = None,
     experiments: Sequence[str] = ("sweeps",),
     sweep_id: str | None = None,
@@ -500,6 +555,8 @@ def compare(
         )
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+    if correction not in CORRECTIONS:
+        raise ValueError(f"unknown correction {correction!r}; choose from {list(CORRECTIONS)}")
     maximize = direction == "maximize"
     client = get_client(tracking_uri or default_tracking_uri())
     exp_ids = []
@@ -584,7 +641,9 @@ def compare(
     samples: dict[str, dict[str, float]] = {}
     for r in runs:
         samples.setdefault(r.label, {})[r.seed] = r.value
-    groups, tests = summarize(samples, maximize=maximize, baseline=baseline, alpha=alpha)
+    groups, tests = summarize(
+        samples, maximize=maximize, baseline=baseline, alpha=alpha, correction=correction
+    )
     exp_of = {run.info.experiment_id for run in picked.values()}
     return Comparison(
         metric=metric,
@@ -599,6 +658,7 @@ def compare(
         selection=selection,
         experiment_id=exp_of.pop() if len(exp_of) == 1 else None,
         notes=notes,
+        correction=correction,
     )
 
 
@@ -729,6 +789,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=0.05,
         help="significance level; CIs are 1 - alpha (default: 0.05)",
     )
+    what.add_argument(
+        "--correction",
+        choices=CORRECTIONS,
+        default="holm",
+        help="multiple-comparison adjustment of the p-values the verdicts use, when there are "
+        "two or more tests (default: holm, Holm-Bonferroni)",
+    )
     out = parser.add_argument_group("output")
     out.add_argument(
         "--out",
@@ -783,6 +850,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             direction=args.direction,
             baseline=args.baseline,
             alpha=args.alpha,
+            correction=args.correction,
             tracking_uri=uri,
             experiments=experiments,
             sweep_id=sweep_id,
