@@ -449,6 +449,9 @@ def test_wrong_type_names_key_and_value(compose_cfg, override, detail):
         (["trainer.sampling=foo"], "unknown trainer.sampling 'foo'; choose from"),
         (["data.val_fraction=1"], "data.val_fraction must be in [0, 1), got 1.0"),
         (["data.train_size=1"], "data.train_size must be null or >= 2, got 1"),
+        (["data.validation=val"], "unknown data.validation 'val'; choose from ['holdout', 'test']"),
+        (["data.validation=test"], "data.validation='test' needs data.val_fraction=0, got 0.2"),
+        (["data.shuffle=false"], "data.shuffle=False needs data.val_fraction=0, got 0.2"),
         (
             ["model.hidden_sizes=[]"],
             "model.hidden_sizes must be a non-empty list of integers >= 1, got []",

@@ -636,6 +636,30 @@ def test_make_splits_no_validation(syn: tuple[Dataset, Dataset]) -> None:
     assert sorted(map(bytes, s.train.x)) == sorted(map(bytes, train.x))
 
 
+def test_make_splits_without_shuffle_keeps_the_file_order(syn: tuple[Dataset, Dataset]) -> None:
+    train, test = syn
+    s = data.make_splits(
+        train, test, train_size=300, val_fraction=0.0, rng=np.random.default_rng(0), shuffle=False
+    )
+    np.testing.assert_array_equal(s.train.x, train.x[:300])
+    np.testing.assert_array_equal(s.train.t, train.t[:300])
+    shuffled = data.make_splits(train, test, train_size=300, val_fraction=0.0, rng=np.random.default_rng(0))
+    assert shuffled.digest != s.digest
+    with pytest.raises(ValueError, match=r"shuffle=False needs val_fraction=0 .*got val_fraction=0.2"):
+        data.make_splits(train, test, train_size=300, val_fraction=0.2, rng=np.random.default_rng(0), shuffle=False)
+
+
+def test_validation_test_evaluates_the_test_set_each_epoch(run_cfg) -> None:
+    """The Keras habit some source systems follow (validation_data=test), kept for them."""
+    from sweeps.experiment import load_splits
+
+    cfg = run_cfg(["data.val_fraction=0", "data.validation=test"])
+    splits = load_splits(cfg, np.random.default_rng(0))
+    assert splits.val is splits.test
+    holdout = load_splits(run_cfg(["data.val_fraction=0"]), np.random.default_rng(0))
+    assert holdout.val is None
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

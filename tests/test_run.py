@@ -507,6 +507,7 @@ def test_every_experiment_overlay_runs(compose_cfg, name):
         "data=synthetic",
         "data.synthetic_train=2000",
         "data.synthetic_test=50",
+        "data.test_size=null",
         "trainer.epochs=1",
         "trainer.iterations=2",
         "trainer.batch_size=10",
@@ -520,4 +521,5 @@ def test_every_experiment_overlay_runs(compose_cfg, name):
     assert outcome.run_id is None
     assert outcome.history.last("iteration") == 2
     assert 0 <= outcome.test["test/acc"] <= 1
-    assert (outcome.val_acc is None) == (cfg.data.val_fraction == 0)
+    no_validation = cfg.data.val_fraction == 0 and cfg.data.validation == "holdout"
+    assert (outcome.val_acc is None) == no_validation
