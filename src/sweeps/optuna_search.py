@@ -4,6 +4,7 @@ Optuna 5 over the same configs as ``python -m sweeps.run``.
     python -m sweeps.optuna_search search=book
     python -m sweeps.optuna_search search=book study_name=book-2 n_workers=2
     python -m sweeps.optuna_search search=optimizers pruner=median trainer.epochs=5
+    python -m sweeps.optuna_search search=book best_seeds=5   # the best config, 5 seeds
     python -m sweeps.optuna_search search=book storage=postgresql://user:pw@db/optuna \\
         mlflow.tracking_uri=http://mlflow:5000          # the same command on every machine
 
@@ -13,6 +14,14 @@ Overrides whose key belongs to the search's root config (conf/search_config.yaml
 ``data=synthetic``, ``seed=1``) is appended to each trial's overrides. ``pruner=median`` is
 short for ``pruner.name=median``. Rerunning the same command resumes the study and runs only
 what is left of its budget.
+
+After the study, the best configuration is trained again and evaluated on the test set
+(``evaluate_best``), with ``best_seeds=N`` seeds: the trial's own seed and the N - 1 after it
+(0..N-1 by default; the seed also draws the validation split). Each is a child run of the
+study's parent run tagged ``sweeps.role=best-test``; the parent gets the mean, sample std and
+95% t-interval of the metric, ``val/acc`` and ``test/acc`` over the seeds
+(``best/test_acc_mean``, ``best/test_acc_std``, ``best/test_acc_ci_low``, ...). Finished seeds
+are recorded in the study: a rerun, or a larger N, trains only the missing ones.
 
 Hydra stops here: below, ``sweeps.search`` takes typed dataclasses.
 """
@@ -31,11 +40,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import open_dict
 
 from sweeps import search as S
 from sweeps import tracking
+
+if TYPE_CHECKING:
+    from sweeps.compare import GroupStats
 
 log = logging.getLogger("sweeps.optuna_search")
 
@@ -231,67 +245,255 @@ def wal_mode(tracking_uri: str) -> None:
         conn.execute("PRAGMA journal_mode=WAL")
 
 
-def evaluate_best(search: S.Search, report: S.Report, parent: str | None) -> dict | None:
-    """Train the best configuration once more and evaluate it on the test set, once per study
-    (claimed in the study's user attrs, so one launcher of many does it)."""
-    from sweeps.run import execute
+# -- the best configuration, retrained ---------------------------------------------------------
 
-    best = report.best
-    if best is None or S.OVERRIDES not in best.user_attrs:
-        return None
+
+def best_seed_list(trial_seed: int, n: int) -> list[int]:
+    """The seeds the best configuration is retrained with: the trial's own seed and the n - 1
+    after it (0..n-1 with the default seed 0, like ``sweeps.compare --seeds n``). The first
+    retrain reproduces the trial itself, so ``best_seeds=1`` is the single retrain of old."""
+    return [trial_seed + k for k in range(n)]
+
+
+@dataclass
+class BestSeeds:
+    """The best trial's configuration retrained with several seeds and evaluated on the test
+    set. ``records``: one per requested seed, in order, as stored in the study:
+    ``{"seed", "outcome": "complete", "run_id", "values": {metric name: value}}`` or
+    ``{"seed", "outcome": "failed", "reason"}``."""
+
+    trial: int
+    value: float  # the trial's own score, on its seed
+    metric: str
+    records: list[dict[str, Any]]
+
+    @property
+    def finished(self) -> list[dict[str, Any]]:
+        return [r for r in self.records if r["outcome"] == "complete"]
+
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        return [r for r in self.records if r["outcome"] != "complete"]
+
+    def stats(self) -> dict[str, GroupStats]:
+        """Per metric over the finished seeds: n, mean, sample sd, 95% t-interval (the same
+        numbers ``sweeps.compare`` gives for these runs)."""
+        from sweeps.compare import describe  # scipy: only once there is something to describe
+
+        out = {}
+        for name in dict.fromkeys((self.metric, "val/acc", "test/acc", "test/loss")):
+            runs = [r for r in self.finished if r["values"].get(name) is not None]
+            if runs:
+                out[name] = describe(
+                    name, [r["values"][name] for r in runs], seeds=[str(r["seed"]) for r in runs]
+                )
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        """For the parent run: ``best/<metric>_mean``, ``_std``, ``_ci_low``, ``_ci_high``
+        (std and CI from two seeds on), ``best/seeds_finished``, ``best/seeds_failed``, and
+        the names of the single retrain (``best/test_acc``, ``best/test_loss``,
+        ``best/retrained_value``), now the means over the seeds."""
+        stats = self.stats()
+        out: dict[str, float] = {
+            "best/seeds_finished": len(self.finished),
+            "best/seeds_failed": len(self.failed),
+        }
+        for name, g in stats.items():
+            key = "best/" + name.replace("/", "_")
+            out[f"{key}_mean"] = g.mean
+            if g.n >= 2:
+                out.update(
+                    {f"{key}_std": g.sd, f"{key}_ci_low": g.ci_low, f"{key}_ci_high": g.ci_high}
+                )
+        for name, key in (
+            (self.metric, "best/retrained_value"),
+            ("test/acc", "best/test_acc"),
+            ("test/loss", "best/test_loss"),
+        ):
+            if name in stats:
+                out[key] = stats[name].mean
+        return out
+
+    def text(self) -> str:
+        seeds = [r["seed"] for r in self.records]
+        head = f"best configuration (trial {self.trial}, {self.metric} {self.value:.4f}"
+        if len(self.records) == 1:
+            r = self.records[0]
+            if r["outcome"] != "complete":
+                return f"{head}): its retrain failed: {r['reason']}"
+            return (
+                f"{head}, retrained {r['values'][self.metric]:.4f}): test acc "
+                f"{r['values']['test/acc']:.4f} (reported once, never used for selection)"
+            )
+        lines = [
+            f"{head}) retrained with {len(seeds)} seeds ({', '.join(map(str, seeds))}); the test "
+            "set is reported only, never used for selection:"
+        ]
+        stats = self.stats()
+        width = max(len(n) for n in [*stats, "metric"])
+        for name, g in stats.items():
+            spread = (
+                f"  std {g.sd:.4f}  95% CI [{g.ci_low:.4f}, {g.ci_high:.4f}]" if g.n >= 2 else ""
+            )
+            lines.append(f"  {name:<{width}}  mean {g.mean:.4f}{spread}  (n={g.n})")
+        for r in self.records:
+            if r["outcome"] == "complete":
+                values = "  ".join(
+                    f"{n} {r['values'][n]:.4f}" for n in stats if r["values"].get(n) is not None
+                )
+                lines.append(f"  seed {r['seed']}: {values}")
+            else:
+                lines.append(f"  seed {r['seed']}: failed: {r['reason']}")
+        if self.failed:
+            lines.append(
+                f"  {len(self.failed)} of {len(seeds)} seeds failed; the statistics are over the "
+                f"{len(self.finished)} that finished"
+            )
+        lines.append(
+            f"  (seed {seeds[0]} is the seed the trial was selected on: its {self.metric} is "
+            "optimistic, the other seeds' are not)"
+        )
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "trial": self.trial,
+            "value": self.value,
+            "metric": self.metric,
+            "seeds": self.records,
+            "metrics": self.metrics(),
+        }
+
+
+def _stored_records(
+    claim: dict, trial: int, trial_seed: int, metric: str
+) -> dict[str, dict[str, Any]]:
+    """The finished seeds of ``trial`` in the study's best-test attr, by seed. A study
+    evaluated by an older version holds one finished retrain (``done``), on the trial's seed."""
+    if claim.get("trial") != trial:
+        return {}
+    if "seeds" in claim:
+        return dict(claim["seeds"])
+    if claim.get("done"):
+        values = {"test/acc": claim.get("test_acc"), "test/loss": claim.get("test_loss")}
+        values[metric] = claim.get("retrained_value")
+        record = {"seed": trial_seed, "outcome": "complete", "run_id": claim.get("run_id")}
+        return {str(trial_seed): {**record, "values": values}}
+    return {}
+
+
+def _claim_best(
+    search: S.Search, trial: int, value: float, seeds: list[int], trial_seed: int
+) -> dict[str, dict[str, Any]] | None:
+    """Under the lock: the seeds of ``trial`` already finished, with this process recorded
+    as the one retraining the rest; None when another live process is doing that."""
     with search.lock():
-        claim = search.study.user_attrs.get(S.BEST_TEST)
-        if claim and claim.get("trial") == best.number:
-            if claim.get("done"):
-                return claim
+        claim = search.study.user_attrs.get(S.BEST_TEST) or {}
+        records = _stored_records(claim, trial, trial_seed, search.space.metric)
+        if all(str(s) in records for s in seeds):
+            return records
+        if claim.get("trial") == trial and "pid" in claim:
             mine = claim.get("pid") == search.pid and claim.get("host") == search.host
             if not mine and (
                 claim.get("host") != search.host
                 or S.process_alive(claim["pid"], claim.get("pid_start", ""))
             ):
-                log.info("another process evaluates trial %d on the test set", best.number)
+                log.info("another process retrains trial %d for the test set", trial)
                 return None
         search.study.set_user_attr(
             S.BEST_TEST,
             {
-                "trial": best.number,
+                "trial": trial,
+                "value": value,
                 "host": search.host,
                 "pid": search.pid,
                 "pid_start": search.pid_start,
-                "done": False,
+                "seeds": records,
             },
         )
+    return records
+
+
+def _retrain(search: S.Search, best, seed: int, parent: str | None) -> dict[str, Any]:
+    """One retrain of the best trial's overrides with ``seed``, evaluated on the test set.
+    A failure is a record (its run is FAILED); Ctrl-C propagates (its run is KILLED)."""
+    from sweeps.run import execute
+
+    run_name = f"{search.name}-best-test-s{seed}"
     overrides = S.merge_overrides(
-        best.user_attrs[S.OVERRIDES], [f"mlflow.run_name={search.name}-best-test"]
+        best.user_attrs[S.OVERRIDES], [f"seed={seed}", f"mlflow.run_name={S.quoted(run_name)}"]
     )
-    cfg, resolved, choices = S.compose_trial(overrides)
     tags = {"study": search.name, "sweeps.role": "best-test", "best_trial_number": best.number}
-    outcome = execute(
-        cfg,
-        resolved,
-        overrides,
-        choices=choices,
-        extra_tags=tags,
-        parent_run_id=parent,
-        evaluate_test=True,
-        progress=False,
-    )
-    result = {
-        "trial": best.number,
-        "done": True,
-        "value": best.value,
-        "retrained_value": outcome.history.last(search.space.metric),
-        "test_acc": outcome.test.get("test/acc"),
-        "test_loss": outcome.test.get("test/loss"),
-        "run_id": outcome.run_id,
+    try:
+        cfg, resolved, choices = S.compose_trial(overrides)
+        outcome = execute(
+            cfg,
+            resolved,
+            overrides,
+            choices=choices,
+            extra_tags=tags,
+            parent_run_id=parent,
+            evaluate_test=True,
+            progress=False,
+        )
+    except Exception as e:
+        reason = f"{type(e).__name__}: {e}"
+        log.warning("the best configuration failed with seed %d: %s", seed, reason)
+        return {"seed": seed, "outcome": "failed", "reason": reason[:2000]}
+    values = {
+        search.space.metric: outcome.history.last(search.space.metric),
+        "val/acc": outcome.val_acc,
+        **outcome.test,
     }
-    with search.lock():
-        search.study.set_user_attr(S.BEST_TEST, result)
-    return result
+    return {
+        "seed": seed,
+        "outcome": "complete",
+        "run_id": outcome.run_id,
+        "values": {k: float(v) for k, v in values.items() if v is not None},
+    }
+
+
+def evaluate_best(search: S.Search, report: S.Report, parent: str | None) -> BestSeeds | None:
+    """Retrain the best configuration with ``best_seeds`` seeds and evaluate each on the
+    test set, as child runs of the study's parent run (tag ``sweeps.role=best-test``). Each
+    finished seed is recorded in the study's user attrs at once, so a rerun, or a larger
+    ``best_seeds``, trains only the seeds not recorded yet; one launcher of many does it."""
+    best = report.best
+    if best is None or S.OVERRIDES not in best.user_attrs:
+        return None
+    trial_seed = S.compose_trial(best.user_attrs[S.OVERRIDES])[0].seed
+    seeds = best_seed_list(trial_seed, search.cfg.best_seeds)
+    records = _claim_best(search, best.number, best.value, seeds, trial_seed)
+    if records is None:
+        return None
+    for seed in seeds:
+        if str(seed) in records:
+            continue
+        records[str(seed)] = _retrain(search, best, seed, parent)
+        with search.lock():
+            claim = dict(search.study.user_attrs.get(S.BEST_TEST) or {})
+            claim["seeds"] = {**claim.get("seeds", {}), str(seed): records[str(seed)]}
+            search.study.set_user_attr(S.BEST_TEST, claim)
+    return BestSeeds(best.number, best.value, search.space.metric, [records[str(s)] for s in seeds])
+
+
+def compare_command(search: S.Search) -> str:
+    """The ``sweeps.compare`` command that reads the best configuration's seed runs back."""
+    m = search.cfg.mlflow
+    return (
+        f"python -m sweeps.compare --tracking-uri {m.tracking_uri} --experiment "
+        f"{m.experiment_name} --tag sweeps.role=best-test --tag study={search.name} --by study "
+        "--metric test/acc"
+    )
 
 
 def log_results(
-    search: S.Search, parent: str | None, report: S.Report, best_test: dict | None, elapsed: float
+    search: S.Search,
+    parent: str | None,
+    report: S.Report,
+    best_test: BestSeeds | None,
+    elapsed: float,
 ) -> None:
     """Metrics, the report, the trials table, the ranges and Optuna's plots on the parent run."""
     if parent is None:
@@ -313,10 +515,8 @@ def log_results(
     if report.best is not None:
         metrics[f"best/{key}"] = report.best.value
         metrics["best/trial_number"] = report.best.number
-    if best_test:
-        for name in ("test_acc", "test_loss", "retrained_value"):
-            if best_test.get(name) is not None:
-                metrics[f"best/{name}"] = best_test[name]
+    if best_test is not None:
+        metrics.update(best_test.metrics())
     try:
         run.log_metrics(metrics)
         for rr in report.rounds:
@@ -325,17 +525,18 @@ def log_results(
                     {f"round/best_{key}": rr.best_value, "round/counted": rr.tally.counted},
                     step=rr.round,
                 )
-        run.set_tags(
-            {
-                "best_trial": report.best.number if report.best else "-",
-                "complete": str(report.complete).lower(),
-            }
-        )
+        tags = {
+            "best_trial": report.best.number if report.best else "-",
+            "complete": str(report.complete).lower(),
+        }
+        if best_test is not None:
+            tags["best_seeds"] = ",".join(str(r["seed"]) for r in best_test.records)
+        run.set_tags(tags)
         run.log_text(report.text(search.cfg.report_top) + "\n", "search/report.txt")
         ranges = {f"r{rr.round}": rr.ranges for rr in report.rounds if rr.ranges is not None}
         run.log_text(json.dumps(ranges, indent=2) + "\n", "search/ranges.json")
-        if best_test:
-            run.log_text(json.dumps(best_test, indent=2) + "\n", "search/best_test.json")
+        if best_test is not None:
+            run.log_text(json.dumps(best_test.to_json(), indent=2) + "\n", "search/best_test.json")
         run.log_text(search.study.trials_dataframe().to_csv(index=False), "search/trials.csv")
         for name, fig in S.study_figures(search).items():
             run.log_figure(fig, f"plots/{name}.png")
@@ -412,17 +613,19 @@ def launch(cfg: S.SearchConfig, argv: Sequence[str]) -> int:
             code, status, message = (
                 EXIT_INTERRUPTED,
                 "KILLED",
-                "interrupted while evaluating the best configuration",
+                "interrupted while retraining the best configuration; the seeds that finished "
+                "are kept, rerun the same command to train the others",
             )
-        if best_test and best_test.get("test_acc") is not None:
-            print(
-                f"best configuration (trial {best_test['trial']}, {search.space.metric} "
-                f"{best_test['value']:.4f}, "
-                f"retrained {best_test['retrained_value']:.4f}): test acc "
-                f"{best_test['test_acc']:.4f} "
-                "(reported once, never used for selection)",
-                flush=True,
-            )
+        except Exception as e:  # e.g. the store: the parent run must still be ended below
+            code, status = 1, "FAILED"
+            message = f"could not retrain the best configuration: {type(e).__name__}: {e}"
+        if best_test is not None:
+            print(best_test.text(), flush=True)
+            if len(best_test.records) > 1 and parent is not None:
+                print(f"compare its seed runs: {compare_command(search)}", flush=True)
+            if not best_test.finished:
+                code, status = 1, "FAILED"
+                message = "no retrain of the best configuration finished: nothing to report"
     if code == 0 and report.complete and report.best is None:
         code, status = 1, "FAILED"
         message = "the study is complete but no trial completed: nothing to report"
@@ -455,7 +658,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(argv)
     except Exception as e:  # a bad override or value: one clear line, no traceback
-        print(f"error: invalid search config: {e}", file=sys.stderr)
+        cause = str(e.__cause__).splitlines()[0] if e.__cause__ is not None else ""
+        detail = f" ({cause})" if cause else ""
+        print(f"error: invalid search config: {e}{detail}", file=sys.stderr)
         return 2
     worker = cfg.worker is not None
     tag = f"[w{cfg.worker}] " if worker else ""

@@ -335,6 +335,7 @@ class SearchConfig:
     poll_interval: float = 1.0
     report_top: int = 20
     evaluate_best: bool = True
+    best_seeds: int = 1
     progress: bool = True
     pruner: PrunerConf = field(default_factory=PrunerConf)
     trial: TrialConf = field(default_factory=TrialConf)
@@ -362,6 +363,18 @@ class SearchConfig:
             )
         if not self.poll_interval > 0:
             raise ValueError(f"poll_interval must be > 0, got {self.poll_interval!r}")
+        if isinstance(self.best_seeds, bool) or not (
+            isinstance(self.best_seeds, int) and self.best_seeds >= 1
+        ):
+            raise ValueError(
+                f"best_seeds must be an integer >= 1 (how many seeds retrain the best "
+                f"configuration), got {self.best_seeds!r}"
+            )
+        if self.best_seeds > 1 and not self.evaluate_best:
+            raise ValueError(
+                f"best_seeds={self.best_seeds} retrains the best configuration, which "
+                "evaluate_best=false turns off; drop one of the two"
+            )
         for o in self.trial.overrides:
             _override_key(o)
         searched = {p.key for p in self.search.params.values()}
