@@ -287,6 +287,7 @@ PROTOCOLS: dict[str, dict[str, object]] = {
         "data.scale": "raw",
         "data.validation": "test",
         "model.hidden_sizes": [1000],
+        "model.loss": "softmax_ce",
         "activation.name": "relu",
         "init.name": "glorot_uniform",
         "optimizer.name": "adam",
@@ -297,6 +298,7 @@ PROTOCOLS: dict[str, dict[str, object]] = {
         "trainer.epochs": 50,
     },
     "keras_mlp_cookbook": {
+        "model.loss": "softmax_ce_clipped",
         "data.scale": "raw",
         "data.validation": "test",
         "model.hidden_sizes": [1000],

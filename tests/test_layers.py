@@ -362,6 +362,29 @@ def test_softmax_cross_entropy_value_and_gradient(rng):
         assert np.isfinite(loss.forward(np.array([[1000.0, -1000.0, 0.0]]), np.array([1])))
 
 
+def test_clipped_softmax_cross_entropy_drops_saturated_samples(rng):
+    """Keras 2.2's clipped probabilities: a confidently wrong sample (p_true < 1e-7) and a
+    confidently right one (p_true > 1 - 1e-7) give no gradient; the others the usual one."""
+    clipped, plain = L.SoftmaxCrossEntropy(clip=1e-7), L.SoftmaxCrossEntropy()
+    x = rng.standard_normal((4, 10))
+    t = np.array([0, 1, 2, 3])
+    x[2] = 0.0
+    x[2, 5] = 40.0  # true class 2 has p ~ e^-40: confidently wrong
+    x[3, 3] = 40.0  # confidently right
+    value = clipped.forward(x, t)
+    y = np.exp(x) / np.exp(x).sum(axis=1, keepdims=True)
+    p = np.clip(y[np.arange(4), t], 1e-7, 1 - 1e-7)
+    assert value == pytest.approx(-np.mean(np.log(p)), rel=1e-12)
+    g = clipped.backward()
+    plain.forward(x, t)
+    expected = plain.backward()
+    np.testing.assert_array_equal(g[2:], 0.0)
+    np.testing.assert_allclose(g[:2], expected[:2], rtol=1e-12)
+    assert check_loss(clipped, x[:2], t[:2]) < TOL  # unclipped samples: the exact gradient
+    with pytest.raises(ValueError, match=r"clip must be None or in \(0, 0.5\), got 0.7"):
+        L.SoftmaxCrossEntropy(clip=0.7)
+
+
 @pytest.mark.parametrize("targets", [(0.0, 1.0), (0.01, 0.99)])
 def test_mean_squared_error_value_and_gradient(rng, targets):
     loss = L.MeanSquaredError(*targets)

@@ -210,7 +210,7 @@ class WeightDecayConf:
 # -- model ---------------------------------------------------------------------------------
 
 MODELS = ("mlp", "simple_cnn", "deep_cnn")
-LOSSES = ("softmax_ce", "mse")
+LOSSES = ("softmax_ce", "softmax_ce_clipped", "mse")
 
 
 @dataclass

@@ -369,20 +369,38 @@ class SoftmaxCrossEntropy:
 
     Uses log-softmax instead of the book's ``log(y + 1e-7)`` so the loss is exact and the
     gradient check is clean. ``t`` is (N,) integer labels. Backward gives (y - onehot(t)) / N.
+
+    ``clip=eps`` reproduces Keras 2.2's ``categorical_crossentropy`` on softmax outputs
+    (standalone Keras, TensorFlow 1 backend): the probabilities are clipped to
+    [eps, 1 - eps] before the log, and ``clip_by_value`` passes no gradient outside that
+    range, so a sample whose true-class probability is below eps (confidently wrong) or above
+    1 - eps contributes nothing to the update. Later Keras versions compute from the logits
+    and do not do this.
     """
+
+    def __init__(self, clip: float | None = None) -> None:
+        if clip is not None and not 0 < clip < 0.5:
+            raise ValueError(f"clip must be None or in (0, 0.5), got {clip!r}")
+        self.clip = clip
 
     def forward(self, x: np.ndarray, t: np.ndarray) -> float:
         N = x.shape[0]
         logp = F.log_softmax(x)
         self.y = np.exp(logp)
         self.t = t
-        return float(-logp[np.arange(N), t].sum() / N)
+        if self.clip is None:
+            return float(-logp[np.arange(N), t].sum() / N)
+        p = self.y[np.arange(N), t]
+        self.live = (p >= self.clip) & (p <= 1 - self.clip)
+        return float(-np.log(np.clip(p, self.clip, 1 - self.clip)).sum() / N)
 
     def backward(self) -> np.ndarray:
         N = self.y.shape[0]
         dx = self.y.copy()
         dx[np.arange(N), self.t] -= 1
         dx /= N
+        if self.clip is not None:
+            dx *= self.live[:, None]
         return dx
 
 

@@ -16,7 +16,7 @@ from sweeps.nn import layers as L
 from sweeps.nn.init import Init
 
 ACTIVATIONS: dict[str, type[L.Layer]] = {"relu": L.ReLU, "sigmoid": L.Sigmoid, "tanh": L.Tanh}
-LOSSES = ("softmax_ce", "mse")
+LOSSES = ("softmax_ce", "softmax_ce_clipped", "mse")
 
 
 def _check_choice(kind: str, value: str, allowed) -> None:
@@ -193,6 +193,8 @@ def _make_loss(loss: str, mse_targets: tuple[float, float]):
     _check_choice("loss", loss, LOSSES)
     if loss == "mse":
         return L.MeanSquaredError(*mse_targets)
+    if loss == "softmax_ce_clipped":  # Keras 2.2's clipped probabilities, K.epsilon() = 1e-7
+        return L.SoftmaxCrossEntropy(clip=1e-7)
     return L.SoftmaxCrossEntropy()
 
 
