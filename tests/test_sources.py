@@ -29,9 +29,14 @@ def test_every_source_system_is_an_overlay_and_in_the_report():
             assert f.source and f.text
 
 
-def add_run(uri, artifacts, overlay, seed, metrics, status="FINISHED", history=None):
-    """A run as sweeps.run records it: the experiment tag, the seed param, final metrics."""
-    ctx = tracking.open_run(uri, "sources", artifacts, tags={"experiment": overlay})
+def add_run(
+    uri, artifacts, overlay, seed, metrics, status="FINISHED", history=None, extra=""
+):
+    """A run as sweeps.run records it: the experiment and overrides tags, the seed param,
+    final metrics."""
+    overrides = f"seed={seed} experiment={overlay} mlflow.experiment_name=sources {extra}"
+    tags = {"experiment": overlay, "overrides": overrides.strip()}
+    ctx = tracking.open_run(uri, "sources", artifacts, tags=tags)
     if status == "FAILED":
         with pytest.raises(RuntimeError), ctx as run:
             run.log_params({"seed": seed})
@@ -54,6 +59,7 @@ def store(tmp_path_factory, _mlflow_template):
     add_run(uri, art, "book_ch04", 1, {"test/acc": 0.10})  # replaced by the rerun below
     add_run(uri, art, "book_ch04", 1, {"test/acc": 0.94})
     add_run(uri, art, "book_ch04", 2, {"test/acc": 0.96})
+    add_run(uri, art, "book_ch04", 2, {"test/acc": 0.5}, extra="optimizer.lr=0.5")  # not the overlay
     add_run(uri, art, "book_ch04", 3, {}, status="FAILED")
     add_run(uri, art, "book_ch05", 0, {"test/acc": 0.5})  # another overlay: not mixed in
     for overlay, times in (("book_ch04_numerical", [20.0, 30.0]), ("book_ch04", [4e-4, 2e-4])):
@@ -74,8 +80,8 @@ def rows_by(store):
 
 def test_mean_spread_and_difference_from_the_latest_finished_run_per_seed(store):
     row = rows_by(store)[("book_ch04", None)]
-    # seeds 0, 1 (rerun), 2 and 7 (the timing run); the first seed-1 run and the FAILED one
-    # are left out
+    # seeds 0, 1 (rerun), 2 and 7 (the timing run); the first seed-1 run, the FAILED one and
+    # the one with a changed learning rate are left out
     assert row.got.seeds == [0, 1, 2, 7]
     values = [0.95, 0.94, 0.96, 0.9]
     assert row.got.values == pytest.approx(values)
@@ -121,6 +127,24 @@ def test_table_csv_and_readme_block(store, tmp_path, capsys):
     r = by_overlay[("book_ch04", "")]
     assert (r["n"], r["seeds"]) == ("4", "0 1 2 7")
     assert float(r["mean"]) == pytest.approx(0.9375)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ("experiment=myonn", True),
+        ("seed=2 experiment=myonn mlflow.tracking_uri=sqlite\\:////x/m.db hydra.verbose=true", True),
+        ("experiment=myonn optimizer.lr=0.3", False),
+        ("experiment=myonn +trainer.foo=1", False),
+        (None, False),
+    ],
+)
+def test_only_runs_of_the_unmodified_overlay_count(overrides, expected):
+    class Run:
+        class data:
+            tags = {} if overrides is None else {"overrides": overrides}
+
+    assert sources.as_published(Run) is expected
 
 
 def test_unknown_experiment_is_an_error_naming_what_exists(store, capsys):

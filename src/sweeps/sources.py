@@ -7,7 +7,9 @@ and what could not be matched). Run the overlays into one MLflow experiment, the
     ...                                                                            # (README)
     python -m sweeps.sources --experiment-name sources [--csv out.csv] [--readme README.md]
 
-The report reads the FINISHED runs of each overlay (the latest run per seed), and prints per
+The report reads the FINISHED runs of each overlay that override nothing but the seed and the
+tracking (the latest such run per seed; a run with changed settings is a different
+experiment and is left out), and prints per
 published figure: the figure as the source states it, the reproduction (mean, standard
 deviation, min and max over the seeds), the difference in percentage points, and the wall
 time per run. A figure is quoted only from a source that could be read (an author's stored
@@ -239,6 +241,23 @@ class Reproduced:
         return statistics.stdev(self.values) if self.n > 1 else math.nan
 
 
+#: Override keys that leave an overlay's protocol as it is: which seed, where to record.
+NEUTRAL_OVERRIDES = ("experiment", "seed", "mlflow.", "hydra.")
+
+
+def as_published(run) -> bool:
+    """Whether the run is its overlay unmodified: its recorded command-line overrides (tag
+    ``overrides``, as sweeps.run logs them) set nothing but the seed and the tracking."""
+    overrides = run.data.tags.get("overrides")
+    if overrides is None:
+        return False
+    for token in overrides.split():
+        key = token.split("=", 1)[0].lstrip("+~")
+        if not (key in NEUTRAL_OVERRIDES or key.startswith(NEUTRAL_OVERRIDES[2:])):
+            return False
+    return True
+
+
 def latest_per_seed(runs: list) -> list:
     """The newest FINISHED run of each seed (a rerun replaces an earlier one)."""
     best: dict[str, object] = {}
@@ -267,6 +286,7 @@ def reproduce(client, experiment_id: str, overlay: str, metric: str, step: int |
         f"tags.experiment = '{overlay}' and attributes.status = 'FINISHED'",
         max_results=1000,
     )
+    runs = [r for r in runs if as_published(r)]
     out = Reproduced()
     for run in sorted(latest_per_seed(runs), key=lambda r: int(r.data.params.get("seed", 0))):
         value = metric_at(client, run, metric, step)
