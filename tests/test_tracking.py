@@ -1,9 +1,21 @@
-"""The local MLflow store under concurrent use."""
+"""The local MLflow store under concurrent use; the tracking callback's background thread
+and buffered metrics."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from sweeps import plots, tracking
+from sweeps.experiment import load_splits, train
+from sweeps.train import Callback
 
 OPEN_RUN = """
 import sys, time
@@ -19,10 +31,6 @@ with tracking.open_run(sys.argv[1], "race", sys.argv[3]) as run:
 def test_processes_opening_a_new_sqlite_store_at_once_all_succeed(tmp_path):
     """Two `sweeps.run` launched together on a fresh store raced to create its tables
     ("table ... already exists") and one of them failed before training."""
-    import time
-
-    from mlflow import MlflowClient
-
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     start = time.time() + 3.0
     procs = [
@@ -39,3 +47,168 @@ def test_processes_opening_a_new_sqlite_store_at_once_all_succeed(tmp_path):
     exp = client.get_experiment_by_name("race")
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
+
+
+# -- the callback's background thread and buffered metrics -------------------------------------
+
+ARTIFACTS = {
+    "activations/init.png",
+    "activations/final.png",
+    "learning_curve.png",
+    "model/params.npz",
+}
+TINY = ["model.hidden_sizes=[16,16]"]
+
+
+def _train_tracked(store, cfg, callbacks=()) -> str:
+    """Train ``cfg`` inside ``open_run`` with the default logging; the run id (also when
+    open_run raises: the exception propagates after the run is ended)."""
+    rng = np.random.default_rng(cfg.seed)
+    splits = load_splits(cfg, rng)
+    ids = []
+    try:
+        with tracking.open_run(store["uri"], "bg", store["artifacts"]) as run:
+            ids.append(run.run_id)
+            cb = tracking.MlflowCallback(run, splits.val.x[:100], 1, True, True, "title")
+            train(cfg, [cb, *callbacks], splits=splits, rng=rng)
+    finally:
+        assert ids, "open_run failed before the run was created"
+    return ids[0]
+
+
+def _artifacts(client, run_id, path=None) -> set[str]:
+    out: set[str] = set()
+    for a in client.list_artifacts(run_id, path):
+        out |= _artifacts(client, run_id, a.path) if a.is_dir else {a.path}
+    return out
+
+
+def _slow(monkeypatch, seconds: float = 0.3) -> None:
+    """Slow down every figure on the background thread: training is long over by then."""
+    original = plots.png_bytes
+
+    def slow_png(fig):
+        time.sleep(seconds)
+        return original(fig)
+
+    monkeypatch.setattr(plots, "png_bytes", slow_png)
+
+
+def test_every_artifact_is_logged_before_the_run_is_finished(mlflow_store, run_cfg, monkeypatch):
+    _slow(monkeypatch)
+    run_id = _train_tracked(mlflow_store, run_cfg(TINY))
+    client = MlflowClient(mlflow_store["uri"])
+    r = client.get_run(run_id)
+    assert r.info.status == "FINISHED"
+    assert _artifacts(client, run_id) == ARTIFACTS
+    for name in ("activations/init.png", "activations/final.png", "learning_curve.png"):
+        local = client.download_artifacts(run_id, name, str(Path(mlflow_store["dir"]) / "dl"))
+        assert Path(local).read_bytes().startswith(b"\x89PNG"), name
+    # every epoch's metrics were sent, though training took less than the flush interval
+    assert [m.step for m in client.get_metric_history(run_id, "val/acc")] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("broken", "artifact"),
+    [("learning_curves", "learning_curve.png"), ("activation_histograms", "activations/init.png")],
+)
+def test_a_failure_on_the_background_thread_fails_the_run(
+    mlflow_store, run_cfg, monkeypatch, broken, artifact
+):
+    def draw(*args, **kwargs):
+        raise ValueError("no figure today")
+
+    monkeypatch.setattr(plots, broken, draw)
+    with pytest.raises(tracking.ArtifactError, match=f"could not log {artifact}") as info:
+        _train_tracked(mlflow_store, run_cfg(TINY))
+    assert isinstance(info.value.__cause__, ValueError)
+    client = MlflowClient(mlflow_store["uri"])
+    (r,) = client.search_runs([client.get_experiment_by_name("bg").experiment_id])
+    assert r.info.status == "FAILED"
+    reason = r.data.tags[tracking.FAILURE_TAG]
+    assert f"ArtifactError: could not log {artifact}: ValueError: no figure today" == reason
+
+
+def test_a_failure_at_initialization_stops_training_at_an_epoch_end(
+    mlflow_store, run_cfg, monkeypatch
+):
+    def draw(*args, **kwargs):
+        raise ValueError("broken histogram")
+
+    monkeypatch.setattr(plots, "activation_histograms", draw)
+    epochs: list[int] = []
+
+    class Count(Callback):
+        def on_epoch_end(self, epoch, metrics, model):
+            epochs.append(epoch)
+
+    with pytest.raises(tracking.ArtifactError, match="activations/init.png"):
+        _train_tracked(mlflow_store, run_cfg([*TINY, "trainer.epochs=10000"]), [Count()])
+    assert len(epochs) < 10000  # stopped as soon as an epoch ended after the failure
+
+
+def _open(store):
+    return tracking.open_run(store["uri"], "bg", store["artifacts"])
+
+
+def test_a_failed_run_keeps_the_artifacts_already_submitted(mlflow_store):
+    client = MlflowClient(mlflow_store["uri"])
+
+    def late_figure(run):
+        time.sleep(0.3)
+        run.log_bytes(b"\x89PNG late", "activations/init.png")
+
+    with pytest.raises(RuntimeError, match="diverged"), _open(mlflow_store) as run:
+        run.submit("activations/init.png", late_figure, run)
+        run.queue_metrics([("train/loss", 2.3, 1)])
+        raise RuntimeError("diverged")
+    r = client.get_run(run.run_id)
+    assert r.info.status == "FAILED"
+    assert _artifacts(client, run.run_id) == {"activations/init.png"}
+    assert r.data.metrics == {"train/loss": 2.3}  # buffered metrics are sent on failure too
+
+
+def test_ctrl_c_ends_the_run_killed_without_waiting_for_the_background(mlflow_store):
+    release, started = threading.Event(), threading.Event()
+    ran: list[str] = []
+
+    def blocked():
+        started.set()
+        release.wait(60)
+        ran.append("blocked")
+
+    try:
+        with pytest.raises(KeyboardInterrupt), _open(mlflow_store) as run:
+            run.submit("a.png", blocked)
+            run.submit("b.png", lambda: ran.append("queued"))
+            run.queue_metrics([("train/loss", 2.3, 1)])
+            assert started.wait(30)
+            raise KeyboardInterrupt
+        # open_run returned while the running job is still blocked: it did not wait for it
+        assert ran == []
+        r = MlflowClient(mlflow_store["uri"]).get_run(run.run_id)
+        assert r.info.status == "KILLED"
+        assert r.data.tags[tracking.FAILURE_TAG].startswith("interrupted")
+        assert r.data.metrics == {"train/loss": 2.3}
+    finally:
+        release.set()
+    run._background._pool.shutdown(wait=True)
+    assert ran == ["blocked"]  # the queued job was dropped, never run
+
+
+def test_untracked_training_draws_nothing_and_never_imports_mlflow(run_cfg):
+    code = (
+        "import sys\n"
+        "import numpy as np\n"
+        "from sweeps import tracking\n"
+        "from sweeps.config import load\n"
+        "from sweeps.experiment import load_splits, train\n"
+        "cfg = load(['data=synthetic', 'trainer.epochs=2', 'model.hidden_sizes=[8]'])\n"
+        "rng = np.random.default_rng(0)\n"
+        "splits = load_splits(cfg, rng)\n"
+        "cb = tracking.MlflowCallback(tracking.NullRun(), splits.val.x[:10])\n"
+        "train(cfg, [cb], splits=splits, rng=rng)\n"
+        "assert 'mlflow' not in sys.modules and 'matplotlib' not in sys.modules, sorted(\n"
+        "    m for m in sys.modules if m.startswith(('mlflow', 'matplotlib')))\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
