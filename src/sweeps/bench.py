@@ -1,6 +1,7 @@
-"""Benchmark the trainer against PyTorch eager and the machine's GEMM rate.
+"""Benchmark the trainer against PyTorch eager and the machine's GEMM rate, and the cost of
+tracking and of the search.
 
-    python -m sweeps.bench                  # every section, 5 repeats
+    python -m sweeps.bench                  # every section, 5 repeats (3 for the long ones)
     python -m sweeps.bench --repeats 3 --sections mlp --readme README.md
 
 Sections (``SECTIONS``; each adds timings and ratios to one report):
@@ -16,24 +17,44 @@ Sections (``SECTIONS``; each adds timings and ratios to one report):
   rate measured in the same repeats (2048^3, NumPy's BLAS).
 * ``cnn``: the book's SimpleConvNet (conv 30x5x5 - ReLU - pool 2 - affine 100 - ReLU -
   affine 10), batch 100, 6000 samples, one epoch, same protocol.
+* ``tracking``: whole runs of that MLP (opening the MLflow run, training with the per-epoch
+  evaluation, ending the run once every artifact is logged) against the same runs without
+  MLflow: 1 epoch with the default logging (metrics, activation histograms, learning curve,
+  weights) and with metrics only; and ``sweeps.run``'s default length (10 epochs) with the
+  default logging, where a run's fixed cost is spread as it is in practice. Target: <= 5%.
+* ``search``: the book's hyperparameter search protocol (conf/search/book.yaml, synthetic
+  MNIST-shaped data) as real Optuna studies of 12 random trials through
+  ``sweeps.optuna_search``'s ``load_config``/``launch``: untracked and fully tracked, with 1
+  and 2 workers, each study in a fresh storage and MLflow store, every worker on cores // 2
+  BLAS threads (1 on 2 cores). Seconds per trial come from the trials' own timestamps (each
+  worker's first, cold trial and the command's start and end left out; ``bench_search``);
+  targets: tracking <= 10% per trial, 2 workers >= 1.6x the trials per minute of 1, and a
+  tracked trial faster than the book's own untracked loop (0.65 s per trial, a reference
+  measured outside this bench).
 
 Contenders alternate within each repeat (the order rotates every repeat) with a short pause
 between them, so they share the machine's noise; timings are the median of the repeats with
-min and max, and each ratio is the median of the per-repeat ratios. The 1-minute load
-average is printed too: on a shared machine it says how much to trust the run. PyTorch is
-optional (``pip install -e '.[bench]'``): it is imported lazily and reported as ``not
-installed`` when missing. Nothing here is asserted in tests.
+min and max, and each ratio is the median of the per-repeat ratios. The 10-epoch runs and the
+search take several seconds per contender, so they use at most ``LONG_REPEATS`` (3) repeats,
+to keep the whole benchmark under 5 minutes on the reference machine (2 cores). The
+1-minute load average is printed too: on a shared machine it says how much to trust the run.
+PyTorch is optional (``pip install -e '.[bench]'``): it is imported lazily and reported as
+``not installed`` when missing. Nothing here is asserted in tests.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import os
 import platform
 import statistics
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -214,11 +235,14 @@ def time_torch(torch, cfg: RunConfig, splits: D.Splits) -> float:
 # -- sections -----------------------------------------------------------------------------
 
 
-def alternate(contenders: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[Any]]:
+def alternate(
+    contenders: dict[str, Callable[[], Any]], repeats: int, warmup: bool = True
+) -> dict[str, list[Any]]:
     """Call every contender once per repeat, rotating the order each repeat and pausing
-    between calls, after one untimed warm-up round; return each one's results in order."""
+    between calls, after one untimed warm-up round (unless the caller warmed them up more
+    cheaply); return each one's results in order."""
     names = list(contenders)
-    for name in names:  # warm-up: imports, first allocations, BLAS and OpenMP threads
+    for name in names if warmup else ():  # imports, first allocations, BLAS/OpenMP threads
         contenders[name]()
     results: dict[str, list[Any]] = {name: [] for name in names}
     for r in range(repeats):
@@ -351,11 +375,18 @@ def bench_cnn(report: Report, repeats: int) -> None:
     )
 
 
+LONG_REPEATS = 3  # at most, for the sections whose contenders take several seconds each
+
+
 def bench_tracking(report: Report, repeats: int) -> None:
-    """The MLP epoch through ``train`` alone, and inside an MLflow run (a temporary SQLite
-    store) with ``sweeps.tracking.MlflowCallback``: once as configured by default (figures
-    and weights at the end) and once with metrics only. Each time covers the whole run:
-    opening it, the epoch with its evaluation, and ending it."""
+    """Whole MLP runs through ``train`` alone, and inside an MLflow run (a temporary SQLite
+    store) with ``sweeps.tracking.MlflowCallback``. Each time covers the whole run: opening
+    it, training with the per-epoch evaluation, and ending it (once every artifact is
+    logged). A run's fixed cost (opening it, the figures and weights at the end) is paid once
+    per run, so two lengths: 1 epoch, as configured by default (figures and weights) and with
+    metrics only; and ``sweeps.run``'s default length (``trainer.epochs`` of
+    conf/config.yaml, 10), untracked and with default logging, at most ``LONG_REPEATS``
+    repeats. Overhead = tracked / untracked - 1, per repeat."""
     import logging
     import tempfile
 
@@ -365,14 +396,15 @@ def bench_tracking(report: Report, repeats: int) -> None:
 
     logging.getLogger(mlflow.__name__).setLevel(logging.WARNING)  # no store-creation chatter
     cfg = compose(MLP_OVERRIDES)
+    long_cfg = compose([o for o in MLP_OVERRIDES if not o.startswith("trainer.epochs=")])
     splits = random_splits(60000, (784,))
     probe = splits.train.x[: cfg.trainer.probe_size]
     m = cfg.mlflow
 
-    def untracked() -> float:
+    def untracked(cfg: RunConfig) -> float:
         return time_sweeps(cfg, splits)[1]
 
-    def tracked(figures: bool, weights: bool) -> float:
+    def tracked(cfg: RunConfig, figures: bool, weights: bool) -> float:
         start = time.perf_counter()
         with tracking.open_run(uri, "bench", f"{tmp}/artifacts") as run:
             cb = tracking.MlflowCallback(run, probe, m.batch_loss_every, figures, weights)
@@ -381,21 +413,37 @@ def bench_tracking(report: Report, repeats: int) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
-        res = alternate(
+        short = alternate(
             {
-                "off": untracked,
-                "full": lambda: tracked(m.log_figures, m.log_model),
-                "metrics": lambda: tracked(False, False),
+                "off": lambda: untracked(cfg),
+                "full": lambda: tracked(cfg, m.log_figures, m.log_model),
+                "metrics": lambda: tracked(cfg, False, False),
             },
             repeats,
         )
-    name = "MLP epoch (train + evaluation)"
+        long_repeats = min(repeats, LONG_REPEATS)
+        long = alternate(  # warmed up by the 1-epoch runs just before
+            {
+                "off": lambda: untracked(long_cfg),
+                "full": lambda: tracked(long_cfg, m.log_figures, m.log_model),
+            },
+            long_repeats,
+            warmup=False,
+        )
+    short_name = "MLP run, 1 epoch (train + evaluation)"
+    long_name = f"MLP run, {long_cfg.trainer.epochs} epochs (sweeps.run's default)"
     report.timings += [
-        Timing(f"{name}: no tracking", res["off"]),
-        Timing(f"{name}: MLflow run, default logging (metrics, figures, weights)", res["full"]),
-        Timing(f"{name}: MLflow run, metrics only", res["metrics"]),
+        Timing(f"{short_name}: no tracking", short["off"]),
+        Timing(f"{short_name}: MLflow, default logging (metrics, figures, weights)", short["full"]),
+        Timing(f"{short_name}: MLflow, metrics only", short["metrics"]),
+        Timing(f"{long_name}: no tracking", long["off"]),
+        Timing(f"{long_name}: MLflow, default logging", long["full"]),
     ]
-    for key, what in (("full", "default logging"), ("metrics", "metrics only")):
+    for name, res, key, what in (
+        (short_name, short, "full", "default logging"),
+        (short_name, short, "metrics", "metrics only"),
+        (long_name, long, "full", "default logging"),
+    ):
         report.ratios.append(
             Ratio(
                 f"{name}: tracking overhead, {what}",
@@ -405,14 +453,233 @@ def bench_tracking(report: Report, repeats: int) -> None:
                 percent=True,
             )
         )
+    if long_repeats < repeats:
+        report.notes.append(f"{long_name}: {long_repeats} repeats (of {repeats}), to save time")
 
 
-#: name -> section. Planned: "search" (trials per minute with 1 and 2 workers, with and
-#: without tracking), a function like these.
+SEARCH_TRIALS = 12
+BOOK_TRIAL_SECONDS = 0.65  # the book's own untracked search loop, per trial (issue #7)
+
+
+@dataclass
+class StudyTiming:
+    """One finished study: per worker, a number of trials and the seconds they took (see
+    ``worker_rate``), and the wall time of the whole command."""
+
+    spans: dict[int, tuple[int, float]]  # worker -> (trials, seconds)
+    wall: float
+
+    @property
+    def per_trial(self) -> float:
+        """Seconds per trial at this study's concurrency: 1 / the workers' summed rates."""
+        return 1.0 / sum(n / span for n, span in self.spans.values())
+
+
+def worker_rate(trials) -> tuple[int, float]:
+    """(trials, seconds) of one worker's steady state, from Optuna's timestamps: from the end
+    of its first trial to the end of its last. A worker's first trial is cold (a new worker
+    process imports MLflow, initializes Hydra and opens the store in it), a cost paid once
+    per worker like the imports; it is timed only when it is the worker's only trial."""
+    ends = sorted(t.datetime_complete for t in trials)
+    if len(ends) == 1:
+        return 1, (ends[0] - trials[0].datetime_start).total_seconds()
+    return len(ends) - 1, (ends[-1] - ends[0]).total_seconds()
+
+
+def search_argv(
+    root: Path, n_workers: int, tracked: bool, trials: int, extra: Sequence[str] = ()
+) -> list[str]:
+    """``python -m sweeps.optuna_search`` arguments for one study of the book's protocol
+    (conf/search/book.yaml) on synthetic data, with its storage and MLflow store in ``root``:
+    ``trials`` random trials in one round, no test evaluation of the best."""
+    return [
+        "search=book",
+        "study_name=bench",
+        f"storage={root / 'journal.log'}",
+        f"n_workers={n_workers}",
+        f"search.rounds=[{{n_trials:{trials},sampler:random}}]",
+        "evaluate_best=false",
+        "progress=false",
+        f"mlflow.enabled={str(tracked).lower()}",
+        f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}",
+        f"mlflow.artifact_root={root / 'artifacts'}",
+        "data=synthetic",  # MNIST-shaped (784 pixels, 10 classes), generated: no download
+        *extra,
+    ]
+
+
+@contextlib.contextmanager
+def output_to(path: Path) -> Iterator[None]:
+    """Send this process's stdout and stderr, and those of its children (the search's
+    workers), to ``path`` while the block runs."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(path, "ab") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, old in zip((1, 2), saved, strict=True):
+            os.dup2(old, fd)
+            os.close(old)
+
+
+def run_study(
+    root: Path, n_workers: int, tracked: bool, trials: int, extra: Sequence[str] = ()
+) -> StudyTiming:
+    """One study through ``sweeps.optuna_search``'s own ``load_config`` and ``launch`` (the
+    code path of the command: the launcher runs the trials itself with one worker, and
+    starts worker processes for more), in ``root``. Every worker gets ``cores // 2`` BLAS
+    threads: the launcher gives each of 2 workers that many; one worker is limited to the
+    same here (the command itself would let it use every core)."""
+    import optuna
+    from optuna.trial import TrialState
+    from threadpoolctl import threadpool_limits
+
+    from sweeps import optuna_search as O
+    from sweeps import search as S
+
+    argv = search_argv(root, n_workers, tracked, trials, extra)
+    cfg = O.load_config(argv)
+    log = root / "search.log"
+    limit = (
+        threadpool_limits(limits=O.blas_threads(2), user_api="blas")
+        if n_workers == 1
+        else contextlib.nullcontext()
+    )
+    start = time.perf_counter()
+    with output_to(log), limit:
+        code = O.launch(cfg, argv)
+    wall = time.perf_counter() - start
+    if code != 0:
+        tail = log.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"search {' '.join(argv)} exited with {code}:\n{tail}")
+    assert cfg.storage is not None and cfg.study_name is not None
+    storage = S.open_storage(cfg.storage, cfg.heartbeat_interval, cfg.grace_period)
+    study = optuna.load_study(study_name=cfg.study_name, storage=storage)
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    if len(done) != trials:
+        raise RuntimeError(f"{len(done)} of {trials} trials completed; see {log}")
+    if any((S.RUN_ID in t.user_attrs) != tracked for t in done):
+        raise RuntimeError(f"tracked={tracked}, but the trials' MLflow runs say otherwise")
+    workers = {t.user_attrs[S.WORKER] for t in done}
+    spans = {w: worker_rate([t for t in done if t.user_attrs[S.WORKER] == w]) for w in workers}
+    return StudyTiming(spans, wall)
+
+
+SEARCH_CONTENDERS = {  # name -> (workers, tracked)
+    "untracked, 1 worker": (1, False),
+    "tracked, 1 worker": (1, True),
+    "untracked, 2 workers": (2, False),
+    "tracked, 2 workers": (2, True),
+}
+
+
+def bench_search(
+    report: Report, repeats: int, trials: int = SEARCH_TRIALS, extra: Sequence[str] = ()
+) -> None:
+    """The book's search protocol (conf/search/book.yaml: a 7-layer 100-unit MLP, 400
+    training and 100 validation samples, SGD, 50 epochs per trial) as real Optuna studies of
+    ``trials`` random trials, untracked and with full MLflow tracking (metrics, figures,
+    weights, the study's parent run), with 1 and 2 workers; each study in a fresh storage and
+    MLflow store. Seconds per trial = 1 / trials per second, summed over the workers, each
+    worker's rate taken from the end of its first trial to the end of its last (Optuna's
+    timestamps; ``worker_rate``): the command's fixed costs (imports, starting the workers
+    and their cold first trial, the final report and plots) stay out; they are in the
+    whole-command wall times of the notes. At most
+    ``LONG_REPEATS`` repeats; ``extra`` overrides every trial (tests shrink trials with it)."""
+    import logging
+    import shutil
+    import tempfile
+
+    import mlflow  # configures its loggers on import; quiet them after that
+
+    from sweeps import optuna_search as O
+    from sweeps import tracking
+
+    logging.getLogger(mlflow.__name__).setLevel(logging.WARNING)
+
+    asked, repeats = repeats, min(repeats, LONG_REPEATS)
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)
+        template = base / "template.db"  # a new MLflow store runs its migrations: once here
+        tracking.get_client(f"sqlite:///{template}").search_experiments()
+        count = iter(range(10**6))
+
+        def study(workers: int, tracked: bool, n: int = trials, more: Sequence[str] = ()):
+            root = base / f"study-{next(count)}"
+            root.mkdir()
+            if tracked:
+                shutil.copy(template, root / "mlflow.db")
+            return run_study(root, workers, tracked, n, [*extra, *more])
+
+        for tracked in (False, True):  # warm-up: imports, Hydra, the first store
+            study(1, tracked, 2, ["trainer.epochs=2"])
+        res = alternate(
+            {name: functools.partial(study, w, t) for name, (w, t) in SEARCH_CONTENDERS.items()},
+            repeats,
+            warmup=False,
+        )
+    name = f"Search, book protocol ({trials} trials)"
+    per_trial = {k: [s.per_trial for s in v] for k, v in res.items()}
+    for k, v in per_trial.items():
+        rate = 60.0 / statistics.median(v)
+        report.timings.append(Timing(f"{name}: {k}, seconds per trial ({rate:.0f} trials/min)", v))
+    report.timings.append(
+        Timing(
+            "Search: the book's own loop, untracked, seconds per trial (reference, not run here)",
+            [],
+            note=f"{BOOK_TRIAL_SECONDS:.2f}",
+        )
+    )
+
+    def per_repeat(a: str, b: str) -> list[float]:
+        return [x / y for x, y in zip(per_trial[a], per_trial[b], strict=True)]
+
+    for workers in ("1 worker", "2 workers"):
+        report.ratios.append(
+            Ratio(
+                f"Search, {workers}: tracking cost per trial (tracked / untracked - 1)",
+                [r - 1.0 for r in per_repeat(f"tracked, {workers}", f"untracked, {workers}")],
+                "<= 10%",
+                lambda v: v <= 0.10,
+                percent=True,
+            )
+        )
+    for kind in ("untracked", "tracked"):
+        report.ratios.append(
+            Ratio(
+                f"Search, {kind}: trials per minute, 2 workers / 1 worker",
+                per_repeat(f"{kind}, 1 worker", f"{kind}, 2 workers"),
+                ">= 1.60x",
+                lambda v: v >= 1.6,
+            )
+        )
+    report.ratios.append(
+        Ratio(
+            f"Search, tracked, 1 worker: seconds per trial / the book's {BOOK_TRIAL_SECONDS} s",
+            [s / BOOK_TRIAL_SECONDS for s in per_trial["tracked, 1 worker"]],
+            "< 1.00x",
+            lambda v: v < 1.0,
+        )
+    )
+    walls = ", ".join(f"{k} {statistics.median(s.wall for s in v):.1f} s" for k, v in res.items())
+    report.notes.append(
+        f"Search: {repeats} repeats (of {asked}); {O.blas_threads(2)} BLAS thread(s) per worker; "
+        f"whole command (imports, workers, report, plots), median: {walls}"
+    )
+
+
+#: name -> section.
 SECTIONS: dict[str, Callable[[Report, int], None]] = {
     "mlp": bench_mlp,
     "cnn": bench_cnn,
     "tracking": bench_tracking,
+    "search": bench_search,
 }
 
 
