@@ -523,3 +523,31 @@ def test_installed_package_finds_its_configs(tmp_path):
     assert job.returncode == 0, job.stderr
     cfg = OmegaConf.create(job.stdout)
     assert cfg.optimizer.name == "adam" and cfg.data.train_size == 2000
+
+
+# -- a signal during composition -------------------------------------------------------------
+
+
+def test_an_interrupt_wrapped_by_library_code_is_raised_as_the_interrupt():
+    """What OmegaConf did with a SIGTERM landing in an attribute lookup: the interrupt came
+    out as the context of an AttributeError inside a ConfigCompositionException."""
+    from hydra.errors import ConfigCompositionException
+
+    from sweeps.config import interrupt_in_chain, interrupts_unwrapped
+
+    class Terminated(KeyboardInterrupt):
+        pass
+
+    signal_ = Terminated("received signal 15")
+    with pytest.raises(Terminated) as e, interrupts_unwrapped():
+        try:
+            try:
+                raise signal_
+            except KeyboardInterrupt:
+                raise AttributeError("x") from None  # __context__ keeps the interrupt
+        except AttributeError as inner:
+            raise ConfigCompositionException() from inner
+    assert e.value is signal_
+    with pytest.raises(ValueError), interrupts_unwrapped():  # other errors pass unchanged
+        raise ValueError("bad value")
+    assert interrupt_in_chain(ValueError("no interrupt")) is None

@@ -12,7 +12,8 @@ plain dataclasses.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -428,10 +429,37 @@ def compose(
     from hydra import initialize_config_dir
 
     register_schemas()
-    with initialize_config_dir(str(conf or conf_dir()), version_base="1.3"):
+    with interrupts_unwrapped(), initialize_config_dir(str(conf or conf_dir()), version_base="1.3"):
         return hydra_compose(
             config_name, overrides=list(overrides), return_hydra_config=return_hydra_config
         )
+
+
+@contextlib.contextmanager
+def interrupts_unwrapped() -> Iterator[None]:
+    """Re-raise a Ctrl-C or SIGTERM (a KeyboardInterrupt) that library code wrapped in an
+    ordinary exception. One landing inside OmegaConf's attribute lookups comes out as an
+    AttributeError inside a ConfigCompositionException: a search worker then counted its
+    trial "failed" and went on training, the signal lost."""
+    try:
+        yield
+    except Exception as e:
+        interrupt = interrupt_in_chain(e)
+        if interrupt is not None:
+            raise interrupt from e
+        raise
+
+
+def interrupt_in_chain(e: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt an exception was raised from or while handling, if any."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, KeyboardInterrupt):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
 
 
 def load(overrides: Sequence[str] = ()) -> RunConfig:

@@ -66,7 +66,14 @@ from typing import Any, cast
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
-from sweeps.config import GROUPS, MlflowConf, compose, conf_dir, register_schemas
+from sweeps.config import (
+    GROUPS,
+    MlflowConf,
+    compose,
+    conf_dir,
+    interrupts_unwrapped,
+    register_schemas,
+)
 from sweeps.train import Callback
 
 log = logging.getLogger("sweeps.search")
@@ -1411,18 +1418,19 @@ class Search:
         try:
             from sweeps.run import execute
 
-            cfg, resolved, choices = compose_trial(overrides)
-            outcome = execute(
-                cfg,
-                resolved,
-                overrides,
-                choices=choices,
-                extra_tags=tags,
-                parent_run_id=parent_run_id,
-                callbacks=[Pruning(trial, self.space.metric)],
-                evaluate_test=False,
-                progress=False,
-            )
+            with interrupts_unwrapped():  # a signal that library code wrapped: still a signal
+                cfg, resolved, choices = compose_trial(overrides)
+                outcome = execute(
+                    cfg,
+                    resolved,
+                    overrides,
+                    choices=choices,
+                    extra_tags=tags,
+                    parent_run_id=parent_run_id,
+                    callbacks=[Pruning(trial, self.space.metric)],
+                    evaluate_test=False,
+                    progress=False,
+                )
             value = outcome.history.last(self.space.metric)
             if not math.isfinite(value):
                 raise ValueError(f"metric {self.space.metric} is {value}")
