@@ -61,7 +61,10 @@ def test_expand_is_the_overlay_sweep_with_overrides_winning():
 def test_compose_jobs_equals_composing_each_job(compose_cfg):
     from omegaconf import OmegaConf
 
-    jobs = A.expand("batchnorm_compare", ["init.std=1.0,0.01", "seed=0,1", "data=synthetic"])
+    jobs = A.expand(
+        "batchnorm_compare",
+        ["init.std=1.0,0.01", "seed=0,1", "data=synthetic", "data.synthetic_train=1000"],
+    )
     composed = A.compose_jobs("batchnorm_compare", jobs)
     for job in composed:
         direct = OmegaConf.to_container(compose_cfg(job.overrides), resolve=True)

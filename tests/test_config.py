@@ -451,6 +451,15 @@ def test_wrong_type_names_key_and_value(compose_cfg, override, detail):
         (["trainer.sampling=foo"], "unknown trainer.sampling 'foo'; choose from"),
         (["data.val_fraction=1"], "data.val_fraction must be in [0, 1), got 1.0"),
         (["data.train_size=1"], "data.train_size must be null or >= 2, got 1"),
+        (
+            ["data.train_size=60001"],
+            "data.train_size=60001 is more than the 60000 samples mnist has; use null (all) or at most 60000",
+        ),
+        (["data.test_size=20000"], "data.test_size=20000 is more than the 10000 samples mnist has"),
+        (
+            ["data=synthetic", "data.synthetic_train=600", "data.train_size=601"],
+            "data.train_size=601 is more than the 600 samples synthetic has",
+        ),
         (["data.validation=val"], "unknown data.validation 'val'; choose from ['holdout', 'test']"),
         (["data.validation=test"], "data.validation='test' needs data.val_fraction=0, got 0.2"),
         (["data.shuffle=false"], "data.shuffle=False needs data.val_fraction=0, got 0.2"),

@@ -108,7 +108,8 @@ def test_every_search_space_composes_and_its_trials_compose(space):
         overrides = S.merge_overrides(
             cfg.search.base_overrides, S.param_overrides(cfg.search, values)
         )
-        run_cfg, resolved, choices = S.compose_trial([*overrides, "data=synthetic"])
+        synthetic = ["data=synthetic", "data.synthetic_train=2000"]  # the spaces take 1000
+        run_cfg, resolved, choices = S.compose_trial([*overrides, *synthetic])
         for name, value in values.items():
             key = cfg.search.params[name].key
             if key in choices:

@@ -275,6 +275,7 @@ class DeepCNNConf(ModelConf):
 # -- data ----------------------------------------------------------------------------------
 
 SCALES = ("unit", "raw", "offset")
+MNIST_TRAIN, MNIST_TEST = 60000, 10000
 VALIDATIONS = ("holdout", "test")
 
 
@@ -313,6 +314,18 @@ class DataConf:
                 raise ValueError(f"data.{key} must be null or >= 2, got {value!r}")
         if self.scale not in SCALES:
             raise ValueError(f"unknown data.scale {self.scale!r}; choose from {list(SCALES)}")
+        # the sizes are known before any data loads: check them here, not when the run exists
+        sizes = {
+            "mnist": (MNIST_TRAIN, MNIST_TEST),
+            "synthetic": (self.synthetic_train, self.synthetic_test),
+        }[self.name]
+        for key, available in zip(("train_size", "test_size"), sizes, strict=True):
+            value = getattr(self, key)
+            if value is not None and value > available:
+                raise ValueError(
+                    f"data.{key}={value} is more than the {available} samples {self.name} has; "
+                    f"use null (all) or at most {available}"
+                )
         if self.validation not in VALIDATIONS:
             raise ValueError(
                 f"unknown data.validation {self.validation!r}; choose from {list(VALIDATIONS)}"
