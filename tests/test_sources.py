@@ -151,3 +151,13 @@ def test_unknown_experiment_is_an_error_naming_what_exists(store, capsys):
     assert sources.main(["--tracking-uri", store["uri"], "--experiment-name", "nope"]) == 2
     err = capsys.readouterr().err
     assert "'nope'" in err and "sources" in err
+
+
+def test_a_readme_without_the_block_is_an_error_and_left_alone(tmp_path):
+    from sweeps.readme import replace_block
+
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers here\n")
+    with pytest.raises(SystemExit, match=r"has no <!-- sources:start --> \.\.\. <!-- sources:end --> block"):
+        replace_block(readme, "sources", "table")
+    assert readme.read_text() == "no markers here\n"

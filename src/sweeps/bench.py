@@ -63,6 +63,7 @@ from threadpoolctl import threadpool_info
 from sweeps import data as D
 from sweeps.config import RunConfig, load
 from sweeps.experiment import build_model, train
+from sweeps.readme import replace_block
 from sweeps.train import Callback
 
 PAUSE = 0.3  # seconds between contenders: lets BLAS/OpenMP worker threads stop spinning
@@ -731,21 +732,6 @@ def format_report(report: Report, header: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
-
-
-def write_readme(path: str, text: str) -> None:
-    """Replace the block between the bench markers of the README with ``text``."""
-    with open(path, encoding="utf-8") as f:
-        readme = f.read()
-    head, sep, rest = readme.partition(README_START)
-    _, sep2, tail = rest.partition(README_END)
-    if not (sep and sep2):
-        raise SystemExit(f"{path} has no {README_START} ... {README_END} block")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(f"{head}{README_START}\n{text}\n{README_END}{tail}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m sweeps.bench", description=__doc__.split("\n")[0]
@@ -774,7 +760,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = format_report(report, [f"`{command}`", "", *machine_lines(torch)])
     print(text)
     if args.readme:
-        write_readme(args.readme, text)
+        replace_block(args.readme, "bench", text)
     return 0
 
 
