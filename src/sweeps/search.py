@@ -915,6 +915,18 @@ def compose_trial(overrides: Sequence[str]):
     return cfg, resolved, choices
 
 
+def execute_overrides(overrides: Sequence[str], **kwargs: Any):
+    """Compose ``overrides`` and train them as ``sweeps.run`` would (``kwargs`` go to
+    ``sweeps.run.execute``); returns its Outcome. A Ctrl-C or SIGTERM that library code
+    wrapped in an ordinary exception comes out as the interrupt, so a trial or a retrain
+    hit by it is interrupted, never "failed"."""
+    from sweeps.run import execute
+
+    with interrupts_unwrapped():
+        cfg, resolved, choices = compose_trial(overrides)
+        return execute(cfg, resolved, overrides, choices=choices, **kwargs)
+
+
 # -- the search ------------------------------------------------------------------------------
 
 
@@ -1416,21 +1428,14 @@ class Search:
             else None
         )
         try:
-            from sweeps.run import execute
-
-            with interrupts_unwrapped():  # a signal that library code wrapped: still a signal
-                cfg, resolved, choices = compose_trial(overrides)
-                outcome = execute(
-                    cfg,
-                    resolved,
-                    overrides,
-                    choices=choices,
-                    extra_tags=tags,
-                    parent_run_id=parent_run_id,
-                    callbacks=[Pruning(trial, self.space.metric)],
-                    evaluate_test=False,
-                    progress=False,
-                )
+            outcome = execute_overrides(
+                overrides,
+                extra_tags=tags,
+                parent_run_id=parent_run_id,
+                callbacks=[Pruning(trial, self.space.metric)],
+                evaluate_test=False,
+                progress=False,
+            )
             value = outcome.history.last(self.space.metric)
             if not math.isfinite(value):
                 raise ValueError(f"metric {self.space.metric} is {value}")
