@@ -13,10 +13,10 @@ plain dataclasses.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -463,16 +463,25 @@ def interrupts_unwrapped() -> Iterator[None]:
         raise
 
 
-def interrupt_in_chain(e: BaseException) -> KeyboardInterrupt | None:
-    """The KeyboardInterrupt an exception was raised from or while handling, if any."""
+def first_in_chain(
+    e: BaseException, match: Callable[[BaseException], bool]
+) -> BaseException | None:
+    """The first exception, from ``e`` along what each was raised from or while handling
+    (``__cause__``, else ``__context__``), for which ``match`` is true; None if none is."""
     seen: set[int] = set()
     cur: BaseException | None = e
     while cur is not None and id(cur) not in seen:
-        if isinstance(cur, KeyboardInterrupt):
+        if match(cur):
             return cur
         seen.add(id(cur))
         cur = cur.__cause__ or cur.__context__
     return None
+
+
+def interrupt_in_chain(e: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt an exception was raised from or while handling, if any."""
+    found = first_in_chain(e, lambda c: isinstance(c, KeyboardInterrupt))
+    return cast(KeyboardInterrupt | None, found)
 
 
 def load(overrides: Sequence[str] = ()) -> RunConfig:
@@ -498,11 +507,12 @@ def validate(cfg: DictConfig) -> RunConfig:
         obj = OmegaConf.to_object(cfg)
     except Exception as e:  # OmegaConf wraps errors raised in __post_init__
         # The first ValueError of ours in the chain carries the message that names the key.
-        seen: Exception | None = e
-        while seen is not None:
-            if isinstance(seen, ValueError) and not type(seen).__module__.startswith("omegaconf"):
-                raise ValueError(str(seen)) from None
-            seen = seen.__cause__ or seen.__context__
+        ours = first_in_chain(
+            e,
+            lambda c: isinstance(c, ValueError) and not type(c).__module__.startswith("omegaconf"),
+        )
+        if ours is not None:
+            raise ValueError(str(ours)) from None
         raise
     assert isinstance(obj, RunConfig)
     return obj
