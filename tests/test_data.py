@@ -643,10 +643,21 @@ def test_make_splits_without_shuffle_keeps_the_file_order(syn: tuple[Dataset, Da
     )
     np.testing.assert_array_equal(s.train.x, train.x[:300])
     np.testing.assert_array_equal(s.train.t, train.t[:300])
-    shuffled = data.make_splits(train, test, train_size=300, val_fraction=0.0, rng=np.random.default_rng(0))
+    shuffled = data.make_splits(
+        train, test, train_size=300, val_fraction=0.0, rng=np.random.default_rng(0)
+    )
     assert shuffled.digest != s.digest
-    with pytest.raises(ValueError, match=r"shuffle=False needs val_fraction=0 .*got val_fraction=0.2"):
-        data.make_splits(train, test, train_size=300, val_fraction=0.2, rng=np.random.default_rng(0), shuffle=False)
+    with pytest.raises(
+        ValueError, match=r"shuffle=False needs val_fraction=0 .*got val_fraction=0.2"
+    ):
+        data.make_splits(
+            train,
+            test,
+            train_size=300,
+            val_fraction=0.2,
+            rng=np.random.default_rng(0),
+            shuffle=False,
+        )
 
 
 def test_validation_test_evaluates_the_test_set_each_epoch(run_cfg) -> None:

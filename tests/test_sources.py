@@ -15,8 +15,16 @@ from sweeps.config import conf_dir
 
 OVERLAYS = {p.stem for p in (conf_dir() / "experiment").glob("*.yaml")}
 SOURCE_OVERLAYS = {
-    "book_ch04", "book_ch04_numerical", "book_ch05", "myonn", "myonn_notebook", "dlwp_naive",
-    "keras_mlp", "keras_mlp_cookbook", "simple_cnn", "deep_cnn",
+    "book_ch04",
+    "book_ch04_numerical",
+    "book_ch05",
+    "myonn",
+    "myonn_notebook",
+    "dlwp_naive",
+    "keras_mlp",
+    "keras_mlp_cookbook",
+    "simple_cnn",
+    "deep_cnn",
 }
 
 
@@ -29,9 +37,7 @@ def test_every_source_system_is_an_overlay_and_in_the_report():
             assert f.source and f.text
 
 
-def add_run(
-    uri, artifacts, overlay, seed, metrics, status="FINISHED", history=None, extra=""
-):
+def add_run(uri, artifacts, overlay, seed, metrics, status="FINISHED", history=None, extra=""):
     """A run as sweeps.run records it: the experiment and overrides tags, the seed param,
     final metrics."""
     overrides = f"seed={seed} experiment={overlay} mlflow.experiment_name=sources {extra}"
@@ -59,13 +65,19 @@ def store(tmp_path_factory, _mlflow_template):
     add_run(uri, art, "book_ch04", 1, {"test/acc": 0.10})  # replaced by the rerun below
     add_run(uri, art, "book_ch04", 1, {"test/acc": 0.94})
     add_run(uri, art, "book_ch04", 2, {"test/acc": 0.96})
-    add_run(uri, art, "book_ch04", 2, {"test/acc": 0.5}, extra="optimizer.lr=0.5")  # not the overlay
+    add_run(
+        uri, art, "book_ch04", 2, {"test/acc": 0.5}, extra="optimizer.lr=0.5"
+    )  # not the overlay
     add_run(uri, art, "book_ch04", 3, {}, status="FAILED")
     add_run(uri, art, "book_ch05", 0, {"test/acc": 0.5})  # another overlay: not mixed in
     for overlay, times in (("book_ch04_numerical", [20.0, 30.0]), ("book_ch04", [4e-4, 2e-4])):
         add_run(uri, art, overlay, 7, {"test/acc": 0.9}, history={"time/step": times})
     add_run(
-        uri, art, "keras_mlp_cookbook", 0, {"test/acc": 0.97},
+        uri,
+        art,
+        "keras_mlp_cookbook",
+        0,
+        {"test/acc": 0.97},
         history={"val/acc": [0.5] * 49 + [0.8] + [0.9] * 450},
     )
     return {"uri": uri}
@@ -123,7 +135,9 @@ def test_table_csv_and_readme_block(store, tmp_path, capsys):
         "<!-- sources:end -->\nrest\n"
     )
     assert "old" not in text
-    by_overlay = {(r["overlay"], r["step"]): r for r in csv.DictReader(io.StringIO(out_csv.read_text()))}
+    by_overlay = {
+        (r["overlay"], r["step"]): r for r in csv.DictReader(io.StringIO(out_csv.read_text()))
+    }
     r = by_overlay[("book_ch04", "")]
     assert (r["n"], r["seeds"]) == ("4", "0 1 2 7")
     assert float(r["mean"]) == pytest.approx(0.9375)
@@ -133,7 +147,10 @@ def test_table_csv_and_readme_block(store, tmp_path, capsys):
     ("overrides", "expected"),
     [
         ("experiment=myonn", True),
-        ("seed=2 experiment=myonn mlflow.tracking_uri=sqlite\\:////x/m.db hydra.verbose=true", True),
+        (
+            "seed=2 experiment=myonn mlflow.tracking_uri=sqlite\\:////x/m.db hydra.verbose=true",
+            True,
+        ),
         ("experiment=myonn optimizer.lr=0.3", False),
         ("experiment=myonn +trainer.foo=1", False),
         (None, False),
@@ -158,6 +175,8 @@ def test_a_readme_without_the_block_is_an_error_and_left_alone(tmp_path):
 
     readme = tmp_path / "README.md"
     readme.write_text("no markers here\n")
-    with pytest.raises(SystemExit, match=r"has no <!-- sources:start --> \.\.\. <!-- sources:end --> block"):
+    with pytest.raises(
+        SystemExit, match=r"has no <!-- sources:start --> \.\.\. <!-- sources:end --> block"
+    ):
         replace_block(readme, "sources", "table")
     assert readme.read_text() == "no markers here\n"

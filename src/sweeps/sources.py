@@ -280,15 +280,21 @@ def metric_at(client, run, metric: str, step: int | None) -> float | None:
     return None
 
 
-def reproduce(client, experiment_id: str, overlay: str, metric: str, step: int | None) -> Reproduced:
+def overlay_runs(client, experiment_id: str, overlay: str) -> list:
+    """The overlay's FINISHED, unmodified runs, the latest per seed, in seed order."""
     runs = client.search_runs(
         [experiment_id],
         f"tags.experiment = '{overlay}' and attributes.status = 'FINISHED'",
         max_results=1000,
     )
     runs = [r for r in runs if as_published(r)]
+    return sorted(latest_per_seed(runs), key=lambda r: int(r.data.params.get("seed", 0)))
+
+
+def reproduce(client, runs: list, metric: str, step: int | None) -> Reproduced:
+    """``metric`` at ``step`` of each run that logged it."""
     out = Reproduced()
-    for run in sorted(latest_per_seed(runs), key=lambda r: int(r.data.params.get("seed", 0))):
+    for run in runs:
         value = metric_at(client, run, metric, step)
         if value is None:
             continue
@@ -314,13 +320,20 @@ class Row:
 
 
 def collect(client, experiment_id: str, systems: Sequence[System] = SYSTEMS) -> list[Row]:
+    runs: dict[str, list] = {}  # overlay -> its runs, searched once
+
+    def of(overlay: str) -> list:
+        if overlay not in runs:
+            runs[overlay] = overlay_runs(client, experiment_id, overlay)
+        return runs[overlay]
+
     rows = []
     for s in systems:
         baseline = None
         if s.time_baseline:
-            baseline = reproduce(client, experiment_id, s.time_baseline, "time/step", None)
+            baseline = reproduce(client, of(s.time_baseline), "time/step", None)
         for f in s.figures:
-            rows.append(Row(s, f, reproduce(client, experiment_id, s.overlay, f.metric, f.step), baseline))
+            rows.append(Row(s, f, reproduce(client, of(s.overlay), f.metric, f.step), baseline))
     return rows
 
 
@@ -370,7 +383,15 @@ def wall_text(row: Row) -> str:
     return _duration(statistics.fmean(row.got.walls)) if row.got.n else "—"
 
 
-COLUMNS = ("system", "overlay", "protocol", "published (%)", "reproduced (%)", "Δ points", "wall per run")
+COLUMNS = (
+    "system",
+    "overlay",
+    "protocol",
+    "published (%)",
+    "reproduced (%)",
+    "Δ points",
+    "wall per run",
+)
 
 
 def cells(row: Row) -> list[str]:
@@ -403,8 +424,21 @@ def csv_text(rows: Sequence[Row]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(
-        ["overlay", "metric", "step", "published", "published_kind", "n", "mean", "sd", "min", "max",
-         "difference_points", "wall_s_mean", "seeds"]
+        [
+            "overlay",
+            "metric",
+            "step",
+            "published",
+            "published_kind",
+            "n",
+            "mean",
+            "sd",
+            "min",
+            "max",
+            "difference_points",
+            "wall_s_mean",
+            "seeds",
+        ]
     )
     for r in rows:
         g = r.got
@@ -445,8 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if exp is None:
         names = [e.name for e in client.search_experiments()]
         print(
-            f"error: no experiment {args.experiment_name!r} in {args.tracking_uri}; "
-            f"it has {names}",
+            f"error: no experiment {args.experiment_name!r} in {args.tracking_uri}; it has {names}",
             file=sys.stderr,
         )
         return 2
