@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
 import sweeps
-from sweeps.config import conf_dir, validate
+from sweeps.config import GROUPS, conf_dir, validate
 from sweeps.run import execute
 from sweeps.tracking import (
     FAILURE_TAG,
@@ -35,16 +35,6 @@ from sweeps.tracking import (
 
 TINY = ["data=synthetic", "model.hidden_sizes=[16,16]", "trainer.epochs=2"]
 NO_FIGURES = "mlflow.log_figures=false"  # drawing costs about a second per run
-GROUP_TAGS = (
-    "data",
-    "model",
-    "optimizer",
-    "init",
-    "activation",
-    "batchnorm",
-    "dropout",
-    "weight_decay",
-)
 
 
 def _default_sigint() -> None:
@@ -170,7 +160,7 @@ def test_smoke_run_records_everything(tmp_path, mlflow_store, compose_cfg):
 
     # Tags.
     tags = r.data.tags
-    assert {g: tags[g] for g in GROUP_TAGS} == {
+    assert {g: tags[g] for g in GROUPS} == {
         "data": "synthetic",
         "model": "mlp",
         "optimizer": "adam",
