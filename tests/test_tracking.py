@@ -49,6 +49,23 @@ def test_processes_opening_a_new_sqlite_store_at_once_all_succeed(tmp_path):
     assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
 
 
+def test_a_local_store_is_put_in_wal_mode_and_copies_keep_its_runs(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    with tracking.open_run(uri, "wal", str(tmp_path / "artifacts")) as run:
+        run.log_metrics({"x": 2.0})
+    with sqlite3.connect(db) as con:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    # The writes may still sit in mlflow.db-wal (the client above keeps its connection):
+    # copy_store takes them along.
+    tracking.copy_store(db, tmp_path / "copy.db")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'copy.db'}")
+    (got,) = client.search_runs([client.get_experiment_by_name("wal").experiment_id])
+    assert got.info.status == "FINISHED" and got.data.metrics == {"x": 2.0}
+
+
 # -- the callback's background thread and buffered metrics -------------------------------------
 
 ARTIFACTS = {

@@ -594,7 +594,6 @@ def bench_search(
     whole-command wall times of the notes. At most
     ``LONG_REPEATS`` repeats; ``extra`` overrides every trial (tests shrink trials with it)."""
     import logging
-    import shutil
     import tempfile
 
     import mlflow  # configures its loggers on import; quiet them after that
@@ -615,7 +614,7 @@ def bench_search(
             root = base / f"study-{next(count)}"
             root.mkdir()
             if tracked:
-                shutil.copy(template, root / "mlflow.db")
+                tracking.copy_store(template, root / "mlflow.db")
             return run_study(root, workers, tracked, n, [*extra, *more])
 
         for tracked in (False, True):  # warm-up: imports, Hydra, the first store

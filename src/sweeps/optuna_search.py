@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -229,20 +228,6 @@ def worker_main(cfg: S.SearchConfig) -> int:
             log.warning("worker %s interrupted; its trial is marked FAIL (not counted)", cfg.worker)
             return EXIT_INTERRUPTED
     return 0
-
-
-# -- the launcher ----------------------------------------------------------------------------
-
-
-def wal_mode(tracking_uri: str) -> None:
-    """Put a local SQLite MLflow store in WAL mode: readers no longer block the writer, so
-    several workers logging at once do not hit 'database is locked' (MLflow itself waits up
-    to 20 s for the write lock)."""
-    path = S.sqlite_path(tracking_uri)
-    if path is None or not path.exists():
-        return
-    with sqlite3.connect(path, timeout=60) as conn:
-        conn.execute("PRAGMA journal_mode=WAL")
 
 
 # -- the best configuration, retrained ---------------------------------------------------------
@@ -543,9 +528,7 @@ def launch(cfg: S.SearchConfig, argv: Sequence[str]) -> int:
     search = S.Search(cfg)
     search.preflight()
     resumed = search.check_spec()
-    parent = search.ensure_parent_run()
-    if parent is not None and cfg.n_workers > 1:
-        wal_mode(cfg.mlflow.tracking_uri)
+    parent = search.ensure_parent_run()  # a local store is in WAL mode (tracking.get_client)
     with search.lock():
         search.fail_stale()
     search.reconcile_runs()

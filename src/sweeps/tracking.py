@@ -170,8 +170,42 @@ def get_client(tracking_uri: str):
     local_store_paths(tracking_uri)
     if not tracking_uri.startswith("sqlite:///"):
         return MlflowClient(tracking_uri=tracking_uri)
-    with flock(Path(tracking_uri.removeprefix("sqlite:///") + ".init.lock")):
-        return MlflowClient(tracking_uri=tracking_uri)  # builds (and caches) the store
+    db = Path(tracking_uri.removeprefix("sqlite:///"))
+    with flock(Path(f"{db}.init.lock")):
+        client = MlflowClient(tracking_uri=tracking_uri)  # builds (and caches) the store
+        write_ahead_log(db)
+        return client
+
+
+def write_ahead_log(db: Path) -> None:
+    """Put a local SQLite store in write-ahead-log mode (a property of the file, kept once
+    set). In SQLite's default rollback-journal mode every commit syncs the journal, the
+    database and the folder: MLflow's run bookkeeping (create, params, tags, end; a commit
+    each) cost about 150 ms per run here, about 60 ms in WAL mode. Readers (``mlflow ui``,
+    a notebook) then no longer block a run's writes either. A committed write survives a
+    crash or a kill of the process as before. The store must be on a local disk (WAL needs
+    shared memory; SQLite over a network file system is unsafe in any mode)."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(db, timeout=10)) as con:
+            (mode,) = con.execute("PRAGMA journal_mode").fetchone()
+            if mode.lower() != "wal":
+                con.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.OperationalError as e:  # busy (an open reader): stay in the current mode
+        log.info("could not switch %s to WAL mode: %s", db, e)
+
+
+def copy_store(src: Path, dst: Path) -> None:
+    """Copy a local SQLite store consistently (SQLite's backup API: a WAL-mode database's
+    recent commits may still be in its -wal file, which a file copy would miss)."""
+    import sqlite3
+
+    with (
+        contextlib.closing(sqlite3.connect(src)) as a,
+        contextlib.closing(sqlite3.connect(dst)) as b,
+    ):
+        a.backup(b)
 
 
 def ensure_experiment(client, name: str, artifact_root: str, tracking_uri: str) -> str:
