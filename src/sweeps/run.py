@@ -135,18 +135,20 @@ def execute(
         ctx = _null_context()
     with ctx as run:
         run.log_params(tracking.flatten(resolved))
-        run.log_text(OmegaConf.to_yaml(OmegaConf.create(dict(resolved))), "config.yaml")
-        run.log_text("\n".join(f"- {o}" for o in overrides) + "\n", "overrides.yaml")
+        run.log_texts(
+            {
+                "config.yaml": OmegaConf.to_yaml(OmegaConf.create(dict(resolved))),
+                "overrides.yaml": "\n".join(f"- {o}" for o in overrides) + "\n",
+            }
+        )
         rng = np.random.default_rng(cfg.seed)
         splits = load_splits(cfg, rng)
         run.set_tags({"data_digest": splits.digest})
-        run.log_dataset(
-            splits.train.x, splits.train.t, f"{cfg.data.name}-train", splits.digest, "training"
-        )
+        name, digest = cfg.data.name, splits.digest
+        inputs = [(splits.train.x, splits.train.t, f"{name}-train", digest, "training")]
         if splits.val is not None:
-            run.log_dataset(
-                splits.val.x, splits.val.t, f"{cfg.data.name}-val", splits.digest, "validation"
-            )
+            inputs.append((splits.val.x, splits.val.t, f"{name}-val", digest, "validation"))
+        run.log_datasets(inputs)
         probe = (splits.val if splits.val is not None else splits.train).x[: cfg.trainer.probe_size]
         title = " ".join(
             f"{k}={v}" for k, v in choices.items() if k in ("optimizer", "init", "activation")

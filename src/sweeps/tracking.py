@@ -18,6 +18,7 @@ nothing, so callers never branch on whether tracking is on.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -125,8 +126,14 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def git_state(path: Path | None = None) -> dict[str, str]:
-    """Commit and dirty flag of the source checkout the package runs from, if any."""
-    where = path or Path(sweeps.__file__).resolve().parent
+    """Commit and dirty flag of the source checkout the package runs from, if any. Asked of
+    git once per process and folder (two subprocesses, about 10 ms): the code a process runs
+    is the code it imported, so a search's trials share one answer."""
+    return dict(_git_state(path or Path(sweeps.__file__).resolve().parent))
+
+
+@functools.cache
+def _git_state(where: Path) -> dict[str, str]:
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10
@@ -211,8 +218,26 @@ def copy_store(src: Path, dst: Path) -> None:
 def ensure_experiment(client, name: str, artifact_root: str, tracking_uri: str) -> str:
     """Experiment id for ``name``, created with artifacts under ``artifact_root`` for a local
     store (a tracking server decides its own artifact location). Safe against a concurrent
-    creator."""
+    creator. An active experiment's id is remembered for the process (a search's trials all
+    go to one experiment: one query less per trial)."""
+    key = (tracking_uri, name)
+    if key in _experiment_ids:
+        return _experiment_ids[key]
+    exp_id = _ensure_experiment(client, name, artifact_root, tracking_uri)
+    _experiment_ids[key] = exp_id
+    return exp_id
+
+
+_experiment_ids: dict[tuple[str, str], str] = {}
+
+
+def _ensure_experiment(client, name: str, artifact_root: str, tracking_uri: str) -> str:
     exp = client.get_experiment_by_name(name)
+    if exp is not None and exp.lifecycle_stage != "active":
+        raise ValueError(
+            f"MLflow experiment {name!r} is deleted; restore it (mlflow experiments restore "
+            f"--experiment-id {exp.experiment_id}) or choose another mlflow.experiment_name"
+        )
     if exp is not None:
         return exp.experiment_id
     location = None
@@ -347,6 +372,15 @@ class Run:
     def log_text(self, text: str, path: str) -> None:
         self.client.log_text(self.run_id, text, path)
 
+    def log_texts(self, texts: Mapping[str, str]) -> None:
+        """Upload several text artifacts ({path: text}) in one request to the store."""
+        with tempfile.TemporaryDirectory() as tmp:
+            for path, text in texts.items():
+                file = Path(tmp, path)
+                file.parent.mkdir(parents=True, exist_ok=True)
+                file.write_text(text, encoding="utf-8")
+            self.client.log_artifacts(self.run_id, tmp)
+
     def log_bytes(self, data: bytes, path: str) -> None:
         """Upload ``data`` as the artifact ``path`` (e.g. ``activations/init.png``)."""
         with tempfile.TemporaryDirectory() as tmp:
@@ -373,18 +407,22 @@ class Run:
         parent = str(Path(path).parent)
         self.client.log_artifact(self.run_id, str(file), None if parent == "." else parent)
 
-    def log_dataset(
-        self, x: np.ndarray, t: np.ndarray, name: str, digest: str, context: str
+    def log_datasets(
+        self, datasets: Iterable[tuple[np.ndarray, np.ndarray, str, str, str]]
     ) -> None:
+        """Record (x, t, name, digest, context) datasets as the run's inputs, in one request."""
         import mlflow.data
         from mlflow.entities import DatasetInput, InputTag
 
-        ds = mlflow.data.from_numpy(x, targets=t, name=name, digest=digest)
-        entity = ds._to_mlflow_entity()
-        with signals_held():
-            self.client.log_inputs(
-                self.run_id, [DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])]
+        inputs = [
+            DatasetInput(
+                mlflow.data.from_numpy(x, targets=t, name=name, digest=digest)._to_mlflow_entity(),
+                tags=[InputTag("mlflow.data.context", context)],
             )
+            for x, t, name, digest, context in datasets
+        ]
+        with signals_held():
+            self.client.log_inputs(self.run_id, inputs)
 
     def end(self, status: str) -> None:
         with signals_held():
