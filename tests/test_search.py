@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import optuna
@@ -172,6 +173,7 @@ def test_book_space_is_the_books_protocol():
             "trial overrides set ['optimizer.lr'], which the search space samples",
         ),
         (["study_name=a b"], "study_name must match"),
+        (["trial_tracking=fat"], "unknown trial_tracking 'fat'; choose from ['lean', 'full']"),
     ],
 )
 def test_bad_search_configs_fail_with_a_clear_message(overrides, message):
@@ -305,6 +307,60 @@ def test_search_runs_rounds_logs_everything_and_resumes_with_nothing_left(
     # a different search space under the same study name is refused
     assert main([*args, "search.params.lr.low=1e-5"]) == 2
     assert "was created with a different params" in capsys.readouterr().err
+
+
+FIGURES = {"activations/init.png", "activations/final.png", "learning_curve.png"}
+
+
+def _artifacts(client, run_id: str) -> set[str]:
+    found, folders = set(), [None]
+    while folders:
+        for a in client.list_artifacts(run_id, folders.pop()):
+            if a.is_dir:
+                folders.append(a.path)
+            else:
+                found.add(a.path)
+    return found
+
+
+def _steps(client, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def test_lean_trials_keep_curves_and_history_and_the_best_test_run_records_everything(
+    tmp_path, mlflow_store
+):
+    """trial_tracking=lean (the default): a trial's run has no figures or weights and its
+    per-layer metrics every 10th epoch and at the last, every epoch in history.csv; the
+    best-test retrain records as sweeps.run does. trial_tracking=full: trials do too."""
+    storage = str(tmp_path / "journal.log")
+    base = tiny_args(storage, mlflow_store, study="lean", rounds=[(2, "random")], epochs=12)
+    base = [a for a in base if not a.startswith(("mlflow.log_", "evaluate_best="))]
+    assert main(base) == 0
+    client = MlflowClient(mlflow_store["uri"])
+    runs = mlflow_runs(mlflow_store, "lean")
+    trials = [r for r in runs if r.data.tags["sweeps.role"] == "trial"]
+    (best,) = [r for r in runs if r.data.tags["sweeps.role"] == "best-test"]
+    assert len(trials) == 2
+    for r in trials:
+        rid = r.info.run_id
+        assert _artifacts(client, rid) == {"config.yaml", "overrides.yaml", "history.csv"}
+        assert _steps(client, rid, "val/acc") == list(range(1, 13))
+        assert _steps(client, rid, "act/1/dead") == [10, 12]
+        history = client.download_artifacts(rid, "history.csv", str(tmp_path / rid))
+        header, *rows = Path(history).read_text().splitlines()
+        assert "act/1/dead" in header.split(",") and len(rows) == 12
+        assert r.data.params["mlflow.log_figures"] == "False"
+    assert _artifacts(client, best.info.run_id) >= FIGURES | {"model/params.npz", "history.csv"}
+    assert _steps(client, best.info.run_id, "act/1/dead") == list(range(1, 13))
+    assert best.data.params["mlflow.log_figures"] == "True"
+
+    full = [a.replace("study_name=lean", "study_name=full") for a in base]
+    assert main([*full, "trial_tracking=full", "evaluate_best=false"]) == 0
+    for r in mlflow_runs(mlflow_store, "full"):
+        if r.data.tags["sweeps.role"] == "trial":
+            assert _artifacts(client, r.info.run_id) >= FIGURES | {"model/params.npz"}
+            assert _steps(client, r.info.run_id, "act/1/dead") == list(range(1, 13))
 
 
 def test_pruning_prunes_trials_that_do_not_learn(tmp_path, mlflow_store):

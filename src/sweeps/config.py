@@ -363,7 +363,9 @@ class TrainerConf:
 class MlflowConf:
     """``tracking_uri``: a database URI (default: SQLite under ``mlruns/``) or the URL of a
     tracking server (``http://host:port``). Artifacts of a local store go to
-    ``artifact_root``. ``batch_loss_every``: log every k-th batch loss."""
+    ``artifact_root``. ``batch_loss_every``: log every k-th batch loss.
+    ``layer_metrics_every``: log the per-layer activation statistics (``act/<k>/...``) as
+    metrics every k-th epoch and at the last one (history.csv holds every epoch's)."""
 
     enabled: bool = True
     tracking_uri: str = "sqlite:///mlruns/mlflow.db"
@@ -371,12 +373,14 @@ class MlflowConf:
     experiment_name: str = "sweeps"
     run_name: str | None = None
     batch_loss_every: int = 10
+    layer_metrics_every: int = 1
     log_model: bool = True
     log_figures: bool = True
 
     def __post_init__(self) -> None:
-        if self.batch_loss_every < 1:
-            raise ValueError(f"mlflow.batch_loss_every must be >= 1, got {self.batch_loss_every!r}")
+        for key in ("batch_loss_every", "layer_metrics_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"mlflow.{key} must be >= 1, got {getattr(self, key)!r}")
 
 
 @dataclass

@@ -403,10 +403,7 @@ def _claim_best(
 def _retrain(search: S.Search, best, seed: int, parent: str | None) -> dict[str, Any]:
     """One retrain of the best trial's overrides with ``seed``, evaluated on the test set.
     A failure is a record (its run is FAILED); Ctrl-C propagates (its run is KILLED)."""
-    run_name = f"{search.name}-best-test-s{seed}"
-    overrides = S.merge_overrides(
-        best.user_attrs[S.OVERRIDES], [f"seed={seed}", f"mlflow.run_name={S.quoted(run_name)}"]
-    )
+    overrides = search.retrain_overrides(best.user_attrs[S.OVERRIDES], seed)
     tags = {"study": search.name, "sweeps.role": "best-test", "best_trial_number": best.number}
     try:
         outcome = S.execute_overrides(

@@ -156,7 +156,9 @@ def execute(
         # Tracking off: nothing would keep the figures or the weights, so don't draw them.
         figures, weights = m.log_figures and m.enabled, m.log_model and m.enabled
         cbs: list[Callback] = [
-            tracking.MlflowCallback(run, probe, m.batch_loss_every, figures, weights, title)
+            tracking.MlflowCallback(
+                run, probe, m.batch_loss_every, figures, weights, title, m.layer_metrics_every
+            )
         ]
         cbs.append(Progress(_total_iterations(cfg, len(splits.train)), enabled=progress))
         cbs.extend(callbacks)
