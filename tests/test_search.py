@@ -15,6 +15,7 @@ import optuna
 import pytest
 from hydra.core.config_store import ConfigStore
 from mlflow import MlflowClient
+from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from search_helpers import (
@@ -121,6 +122,58 @@ def test_every_search_space_composes_and_its_trials_compose(space):
                     node = node[part]
                 assert node == pytest.approx(value)
         study.tell(trial, 0.0)
+
+
+def _compose_uncached(overrides):
+    from omegaconf import open_dict
+
+    from sweeps.config import compose
+
+    dcfg = compose(overrides, return_hydra_config=True)
+    choices = {g: dcfg.hydra.runtime.choices.get(g) for g in S.GROUPS}
+    with open_dict(dcfg):
+        del dcfg["hydra"]
+    return OmegaConf.to_container(dcfg, resolve=True), choices
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["optimizer.lr=0.5", "weight_decay=l2", "weight_decay.strength=1e-3"],
+        ["optimizer=adam", "optimizer.beta1=0.8", "init=xavier", "batchnorm=on"],
+        ["experiment=quick", "trainer.epochs=3", "seed=7"],
+        ["model=simple_cnn", "model.filters=8", "dropout=on", "dropout.ratio=0.25"],
+        ["model.hidden_sizes=[8,4]", "mlflow.run_name='s-t3'", "sweep_id=s", "data=synthetic"],
+        ["+optimizer.extra=1", "optimizer=momentum"],
+        ["~mlflow.run_name"],
+    ],
+)
+def test_trial_composition_with_a_cached_defaults_list_equals_hydras(overrides):
+    """compose_trial composes each defaults list once and applies the value overrides to a
+    copy; the result must be Hydra's, whatever the overrides' order, for every trial."""
+    for order in (overrides, overrides[::-1]):
+        try:
+            expected = _compose_uncached(order)
+        except Exception as e:  # the override is an error: the same error
+            with pytest.raises(type(e)) as err:
+                S.compose_trial(order)
+            assert str(err.value) == str(e)
+            continue
+        for _ in range(2):  # the second one comes from the cache
+            _, resolved, choices = S.compose_trial(order)
+            resolved = {k: v for k, v in resolved.items() if k not in ("sweep_id", "experiment")}
+            want = {k: v for k, v in expected[0].items() if k not in ("sweep_id", "experiment")}
+            assert (resolved, choices) == (want, expected[1])
+
+
+def test_a_trial_never_sees_another_trials_values():
+    a = S.compose_trial(["optimizer.lr=0.5", "trainer.epochs=2"])[1]
+    b = S.compose_trial(["trainer.epochs=3"])[1]
+    assert (a["optimizer"]["lr"], a["trainer"]["epochs"]) == (0.5, 2)
+    assert (b["optimizer"]["lr"], b["trainer"]["epochs"]) == (0.01, 3)
+    with pytest.raises(Exception, match="optimizer.typo"):
+        S.compose_trial(["optimizer.typo=1"])
 
 
 def test_book_space_is_the_books_protocol():
