@@ -42,6 +42,8 @@ def test_the_search_section_runs_every_contender_and_reports_its_rows():
     assert set(ratios) == {
         "Search, 1 worker: tracking cost per trial (tracked / untracked - 1)",
         "Search, 2 workers: tracking cost per trial (tracked / untracked - 1)",
+        "Search, 1 worker: tracking cost per trial with trial_tracking=full (figures, weights, "
+        "per-layer metrics every epoch)",
         "Search, untracked: trials per minute, 2 workers / 1 worker",
         "Search, tracked: trials per minute, 2 workers / 1 worker",
         "Search, tracked, 1 worker: seconds per trial / the book's 0.65 s",
