@@ -384,7 +384,7 @@ def test_lean_trials_keep_curves_and_history_and_the_best_test_run_records_every
     tmp_path, mlflow_store
 ):
     """trial_tracking=lean (the default): a trial's run has no figures or weights and its
-    per-layer metrics every 10th epoch and at the last, every epoch in history.csv; the
+    detail metrics every 10th epoch and at the last, every epoch in history.csv; the
     best-test retrain records as sweeps.run does. trial_tracking=full: trials do too."""
     storage = str(tmp_path / "journal.log")
     base = tiny_args(storage, mlflow_store, study="lean", rounds=[(2, "random")], epochs=12)
@@ -400,6 +400,7 @@ def test_lean_trials_keep_curves_and_history_and_the_best_test_run_records_every
         assert _artifacts(client, rid) == {"config.yaml", "overrides.yaml", "history.csv"}
         assert _steps(client, rid, "val/acc") == list(range(1, 13))
         assert _steps(client, rid, "act/1/dead") == [10, 12]
+        assert _steps(client, rid, "time/epoch") == [10, 12]
         history = client.download_artifacts(rid, "history.csv", str(tmp_path / rid))
         header, *rows = Path(history).read_text().splitlines()
         assert "act/1/dead" in header.split(",") and len(rows) == 12

@@ -432,7 +432,7 @@ def bench_tracking(report: Report, repeats: int) -> None:
         start = time.perf_counter()
         with tracking.open_run(uri, "bench", f"{tmp}/artifacts") as run:
             cb = tracking.MlflowCallback(
-                run, probe, m.batch_loss_every, figures, weights, "", m.layer_metrics_every
+                run, probe, m.batch_loss_every, figures, weights, "", m.detail_metrics_every
             )
             train(cfg, [cb, clock], splits=splits, rng=np.random.default_rng(cfg.seed))
         return time.perf_counter() - start, clock.per_epoch

@@ -364,8 +364,10 @@ class MlflowConf:
     """``tracking_uri``: a database URI (default: SQLite under ``mlruns/``) or the URL of a
     tracking server (``http://host:port``). Artifacts of a local store go to
     ``artifact_root``. ``batch_loss_every``: log every k-th batch loss.
-    ``layer_metrics_every``: log the per-layer activation statistics (``act/<k>/...``) as
-    metrics every k-th epoch and at the last one (history.csv holds every epoch's)."""
+    ``detail_metrics_every``: log the detail metrics (the per-layer activation statistics
+    ``act/<k>/...``, ``time/epoch``, ``time/step``, ``iteration``) every k-th epoch and at the
+    last one; the loss and accuracy curves go every epoch, and history.csv holds every
+    epoch's values of all."""
 
     enabled: bool = True
     tracking_uri: str = "sqlite:///mlruns/mlflow.db"
@@ -373,12 +375,12 @@ class MlflowConf:
     experiment_name: str = "sweeps"
     run_name: str | None = None
     batch_loss_every: int = 10
-    layer_metrics_every: int = 1
+    detail_metrics_every: int = 1
     log_model: bool = True
     log_figures: bool = True
 
     def __post_init__(self) -> None:
-        for key in ("batch_loss_every", "layer_metrics_every"):
+        for key in ("batch_loss_every", "detail_metrics_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"mlflow.{key} must be >= 1, got {getattr(self, key)!r}")
 

@@ -157,7 +157,7 @@ def execute(
         figures, weights = m.log_figures and m.enabled, m.log_model and m.enabled
         cbs: list[Callback] = [
             tracking.MlflowCallback(
-                run, probe, m.batch_loss_every, figures, weights, title, m.layer_metrics_every
+                run, probe, m.batch_loss_every, figures, weights, title, m.detail_metrics_every
             )
         ]
         cbs.append(Progress(_total_iterations(cfg, len(splits.train)), enabled=progress))
