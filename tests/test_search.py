@@ -390,6 +390,8 @@ def test_lean_trials_keep_curves_and_history_and_the_best_test_run_records_every
     base = tiny_args(storage, mlflow_store, study="lean", rounds=[(2, "random")], epochs=12)
     base = [a for a in base if not a.startswith(("mlflow.log_", "evaluate_best="))]
     assert main(base) == 0
+    # pruner=none: no per-epoch reports to the storage (a write each), the curves are in MLflow
+    assert [t.intermediate_values for t in load_study(storage, "lean").trials] == [{}, {}]
     client = MlflowClient(mlflow_store["uri"])
     runs = mlflow_runs(mlflow_store, "lean")
     trials = [r for r in runs if r.data.tags["sweeps.role"] == "trial"]

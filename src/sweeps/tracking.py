@@ -180,8 +180,13 @@ def get_client(tracking_uri: str):
     db = Path(tracking_uri.removeprefix("sqlite:///"))
     with flock(Path(f"{db}.init.lock")):
         client = MlflowClient(tracking_uri=tracking_uri)  # builds (and caches) the store
-        write_ahead_log(db)
+        if db not in _in_wal_mode:
+            write_ahead_log(db)
+            _in_wal_mode.add(db)
         return client
+
+
+_in_wal_mode: set[Path] = set()  # stores this process has put in WAL mode
 
 
 def write_ahead_log(db: Path) -> None:
