@@ -24,7 +24,9 @@ def compose_cfg() -> Callable[..., DictConfig]:
 
     def _compose(overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
         with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-            return compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
+            return compose(
+                "config", overrides=list(overrides), return_hydra_config=return_hydra_config
+            )
 
     return _compose
 

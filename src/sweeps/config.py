@@ -231,7 +231,8 @@ class MLPConf(ModelConf):
     def __post_init__(self) -> None:
         if not self.hidden_sizes or any(not isinstance(h, int) or h < 1 for h in self.hidden_sizes):
             raise ValueError(
-                f"model.hidden_sizes must be a non-empty list of integers >= 1, got {self.hidden_sizes!r}"
+                "model.hidden_sizes must be a non-empty list of integers >= 1, "
+                f"got {self.hidden_sizes!r}"
             )
         if self.loss not in LOSSES:
             raise ValueError(f"unknown model.loss {self.loss!r}; choose from {list(LOSSES)}")
