@@ -73,7 +73,9 @@ class Affine(Layer):
     def backward_params(self, dout):
         np.matmul(self.x.T, dout, out=self.grads["W"])  # (D, N) @ (N, M) -> (D, M)
         if "b" in self.grads:
-            np.sum(dout, axis=0, out=self.grads["b"])
+            # db = 1 @ dout: a BLAS product, several times faster than np.sum over axis 0
+            ones = np.ones(dout.shape[0], dtype=dout.dtype)  # (N,)
+            np.matmul(ones, dout, out=self.grads["b"])  # (N,) @ (N, M) -> (M,)
 
     def backward(self, dout):
         self.backward_params(dout)
@@ -82,11 +84,17 @@ class Affine(Layer):
 
 
 class ReLU(Layer):
-    """max(0, x) (book 5.5.1). Backward passes dout where x > 0."""
+    """max(0, x) (book 5.5.1). Backward passes dout where x > 0.
+
+    The mask is kept in x's float dtype and both passes multiply by it: a same-dtype multiply
+    is several times faster than ``np.maximum`` or a multiply by a boolean mask (which casts
+    every element). Negative inputs come out as -0.0 (equal to 0.0 in every comparison), -inf
+    as NaN (only a diverged net has one; the trainer stops on a NaN loss).
+    """
 
     def forward(self, x, train=False):
-        self.mask = x > 0
-        return np.maximum(x, 0)
+        self.mask = (x > 0).astype(x.dtype)  # 1 where x > 0, else 0
+        return x * self.mask
 
     def backward(self, dout):
         return dout * self.mask
@@ -385,11 +393,14 @@ class SoftmaxCrossEntropy:
 
     def forward(self, x: np.ndarray, t: np.ndarray) -> float:
         N = x.shape[0]
-        logp = F.log_softmax(x)
-        self.y = np.exp(logp)
+        z = x - x.max(axis=1, keepdims=True)  # (N, K), shifted so exp cannot overflow
+        e = np.exp(z)
+        s = e.sum(axis=1, keepdims=True)  # (N, 1)
+        self.y = e / s  # softmax, from the one exp
         self.t = t
         if self.clip is None:
-            return float(-logp[np.arange(N), t].sum() / N)
+            # -log softmax at the label, log(s) - z[t]: only N logs, not the full (N, K)
+            return float(-(z[np.arange(N), t] - np.log(s[:, 0])).sum() / N)
         p = self.y[np.arange(N), t]
         self.live = (p >= self.clip) & (p <= 1 - self.clip)
         return float(-np.log(np.clip(p, self.clip, 1 - self.clip)).sum() / N)
