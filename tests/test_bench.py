@@ -36,17 +36,15 @@ def test_the_search_section_runs_every_contender_and_reports_its_rows():
     for name in bench.SEARCH_CONTENDERS:
         (label,) = [k for k in rows if f": {name}, seconds per trial" in k]
         assert len(rows[label].seconds) == 1 and rows[label].seconds[0] > 0, label
-    reference = [t for t in report.timings if "book's own loop" in t.label]
-    assert [t.note for t in reference] == ["0.65"]
+    (reference,) = [t for t in report.timings if "book's own loop" in t.label]
+    assert len(reference.seconds) == 1 and reference.seconds[0] > 0
     ratios = {r.label: r for r in report.ratios}
     assert set(ratios) == {
         "Search, 1 worker: tracking cost per trial (tracked / untracked - 1)",
         "Search, 2 workers: tracking cost per trial (tracked / untracked - 1)",
-        "Search, 1 worker: tracking cost per trial with trial_tracking=full (figures, weights, "
-        "per-layer metrics every epoch)",
         "Search, untracked: trials per minute, 2 workers / 1 worker",
         "Search, tracked: trials per minute, 2 workers / 1 worker",
-        "Search, tracked, 1 worker: seconds per trial / the book's 0.65 s",
+        "Search, tracked, 1 worker: seconds per trial / the book's own loop (same repeat)",
     }
     assert all(len(r.values) == 1 and math.isfinite(r.values[0]) for r in ratios.values())
     text = bench.format_report(report, ["header"])

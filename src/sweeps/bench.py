@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import itertools
 import os
 import platform
 import statistics
@@ -639,14 +640,111 @@ def run_study(
     return StudyTiming(spans, wall)
 
 
-FULL_TRIALS = "tracked with trial_tracking=full, 1 worker"
-SEARCH_CONTENDERS = {  # name -> (workers, tracked, search overrides)
-    "untracked, 1 worker": (1, False, ()),
-    "tracked, 1 worker": (1, True, ()),
-    "untracked, 2 workers": (2, False, ()),
-    "tracked, 2 workers": (2, True, ()),
-    FULL_TRIALS: (1, True, ("trial_tracking=full",)),
+SEARCH_CONTENDERS = {  # name -> (workers, tracked)
+    "untracked, 1 worker": (1, False),
+    "tracked, 1 worker": (1, True),
+    "untracked, 2 workers": (2, False),
+    "tracked, 2 workers": (2, True),
 }
+BOOK_TRIALS = 4  # trials of the book's own loop per repeat
+
+
+def book_trial(
+    x: np.ndarray,
+    t: np.ndarray,
+    x_val: np.ndarray,
+    t_val: np.ndarray,
+    hidden: Sequence[int],
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    rng: np.random.Generator,
+) -> float:
+    """One trial of the book's ch06/hyperparameter_optimization.py, the reference the search
+    is held to: ``MultiLayerNet(784, hidden, 10, weight_decay_lambda)`` trained by its
+    ``Trainer`` with SGD, as common/multi_layer_net.py, layers.py and trainer.py do it
+    (written here from shared/reference/book.md): float64 parameters with He init over
+    float32 inputs; Affine then Relu (``out = x.copy(); out[x <= 0] = 0``, its backward
+    zeroing ``dout`` in place) per hidden layer; SoftmaxWithLoss (two exps, ``log(y + 1e-7)``)
+    plus 0.5 * lambda * sum W^2; every gradient computed (the input's too), then the update;
+    the loss computed again on the batch after the update (the Trainer's ``train_step``);
+    batches drawn with replacement; accuracy on all training and validation samples at each
+    epoch boundary and on the validation set at the end. Returns the last epoch's val acc."""
+    sizes = [x.shape[1], *hidden, 10]
+    W = [rng.standard_normal((a, b)) * np.sqrt(2.0 / a) for a, b in itertools.pairwise(sizes)]
+    b = [np.zeros(n) for n in sizes[1:]]
+
+    def predict(xb: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+        inputs, masks = [], []
+        h = xb
+        for i in range(len(W)):
+            inputs.append(h)
+            h = np.dot(h, W[i]) + b[i]
+            if i < len(W) - 1:
+                mask = h <= 0
+                h = h.copy()
+                h[mask] = 0
+                masks.append(mask)
+        return h, inputs, masks
+
+    def loss(xb: np.ndarray, tb: np.ndarray):
+        z, inputs, masks = predict(xb)
+        z = z - z.max(axis=1, keepdims=True)
+        y = np.exp(z) / np.sum(np.exp(z), axis=1, keepdims=True)
+        n = len(tb)
+        ce = -np.sum(np.log(y[np.arange(n), tb] + 1e-7)) / n
+        return ce + sum(0.5 * weight_decay * np.sum(w**2) for w in W), y, inputs, masks
+
+    def accuracy(xb: np.ndarray, tb: np.ndarray) -> float:
+        return float(np.sum(np.argmax(predict(xb)[0], axis=1) == tb) / xb.shape[0])
+
+    n = x.shape[0]
+    per_epoch = max(n // batch_size, 1)
+    val_acc = []
+    for it in range(epochs * per_epoch):
+        idx = rng.choice(n, batch_size)
+        xb, tb = x[idx], t[idx]
+        _, y, inputs, masks = loss(xb, tb)
+        dout = y.copy()
+        dout[np.arange(batch_size), tb] -= 1
+        dout = dout / batch_size
+        grads = []
+        for i in reversed(range(len(W))):
+            grads.append((np.dot(inputs[i].T, dout) + weight_decay * W[i], np.sum(dout, axis=0)))
+            dout = np.dot(dout, W[i].T)
+            if i > 0:
+                dout[masks[i - 1]] = 0
+        for i, (dW, db) in enumerate(reversed(grads)):
+            W[i] -= lr * dW
+            b[i] -= lr * db
+        loss(xb, tb)
+        if it % per_epoch == 0:
+            accuracy(x, t)
+            val_acc.append(accuracy(x_val, t_val))
+    accuracy(x_val, t_val)
+    return val_acc[-1]
+
+
+def book_loop_seconds(cfg: RunConfig, trials: int, seed: int) -> float:
+    """Seconds per trial of ``book_trial`` on the search's own data and protocol (``cfg``,
+    composed from the book space's base overrides), lr and weight decay drawn as the book
+    draws them (10**U(-6, -2), 10**U(-8, -4)), one BLAS thread as each search worker has."""
+    from threadpoolctl import threadpool_limits
+
+    from sweeps.experiment import load_splits
+
+    rng = np.random.default_rng(seed)
+    splits = load_splits(cfg, np.random.default_rng(cfg.seed))
+    assert splits.val is not None
+    args = (splits.train.x, splits.train.t, splits.val.x, splits.val.t)
+    protocol = (cfg.model.hidden_sizes, cfg.trainer.epochs, cfg.trainer.batch_size)
+    with threadpool_limits(limits=1, user_api="blas"):
+        start = time.perf_counter()
+        for _ in range(trials):
+            lr, wd = 10 ** rng.uniform(-6, -2), 10 ** rng.uniform(-8, -4)
+            book_trial(*args, *protocol, lr, wd, rng)
+        return (time.perf_counter() - start) / trials
 
 
 def bench_search(
@@ -656,14 +754,14 @@ def bench_search(
     training and 100 validation samples, SGD, 50 epochs per trial) as real Optuna studies of
     ``trials`` random trials (no best-test retrain), untracked and tracked as the search
     tracks by default (the study's parent run and one MLflow run per trial, with
-    ``trial_tracking=lean``), with 1 and 2 workers, and with ``trial_tracking=full`` (every
-    trial's figures and weights too) on 1 worker; each study in a fresh storage and MLflow
+    ``trial_tracking=lean``), with 1 and 2 workers; each study in a fresh storage and MLflow
     store. Seconds per trial = 1 / trials per second, summed over the workers, each worker's
     rate taken from the end of its first trial to the end of its last (Optuna's timestamps;
     ``worker_rate``): the command's fixed costs (imports, starting the workers and their cold
     first trial, the final report and plots) stay out; they are in the whole-command wall
-    times of the notes. At most ``LONG_REPEATS`` repeats; ``extra`` overrides every trial
-    (tests shrink trials with it)."""
+    times of the notes. The book's own loop (``book_trial``) runs ``BOOK_TRIALS`` trials on
+    the same data in each repeat, the reference for a tracked trial. At most
+    ``LONG_REPEATS`` repeats; ``extra`` overrides every trial (tests shrink trials with it)."""
     import logging
     import tempfile
 
@@ -675,6 +773,10 @@ def bench_search(
     logging.getLogger(mlflow.__name__).setLevel(logging.WARNING)
 
     asked, repeats = repeats, min(repeats, LONG_REPEATS)
+    book_cfg = compose(
+        [*O.load_config(["search=book"]).search.base_overrides, "data=synthetic", *extra]
+    )
+    seeds = iter(range(10**6))
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         template = base / "template.db"  # a new MLflow store runs its migrations: once here
@@ -688,30 +790,25 @@ def bench_search(
                 tracking.copy_store(template, root / "mlflow.db")
             return run_study(root, workers, tracked, n, [*extra, *more])
 
-        # The full-tracking study is for information: half the trials (25 s less).
-        n_trials = {
-            k: max(trials // 2, 2) if k == FULL_TRIALS else trials for k in SEARCH_CONTENDERS
-        }
         for tracked in (False, True):  # warm-up: imports, Hydra, the first store
             study(1, tracked, 2, ["trainer.epochs=2"])
-        res = alternate(
-            {
-                name: functools.partial(study, w, t, n_trials[name], more)
-                for name, (w, t, more) in SEARCH_CONTENDERS.items()
-            },
-            repeats,
-            warmup=False,
-        )
+        contenders: dict[str, Callable[[], Any]] = {
+            name: functools.partial(study, w, t) for name, (w, t) in SEARCH_CONTENDERS.items()
+        }
+        contenders["book"] = lambda: book_loop_seconds(book_cfg, BOOK_TRIALS, next(seeds))
+        res = alternate(contenders, repeats, warmup=False)
+    book = res.pop("book")
     per_trial = {k: [s.per_trial for s in v] for k, v in res.items()}
     for k, v in per_trial.items():
         rate = 60.0 / statistics.median(v)
-        label = f"Search, book protocol ({n_trials[k]} trials): {k}, seconds per trial"
+        label = f"Search, book protocol ({trials} trials): {k}, seconds per trial"
         report.timings.append(Timing(f"{label} ({rate:.0f} trials/min)", v))
     report.timings.append(
         Timing(
-            "Search: the book's own loop, untracked, seconds per trial (reference, not run here)",
-            [],
-            note=f"{BOOK_TRIAL_SECONDS:.2f}",
+            f"Search: the book's own loop (ch06 MultiLayerNet + Trainer, float64), untracked, "
+            f"1 BLAS thread, seconds per trial ({BOOK_TRIALS} trials; issue #7 measured "
+            f"{BOOK_TRIAL_SECONDS} s)",
+            book,
         )
     )
 
@@ -728,16 +825,6 @@ def bench_search(
                 percent=True,
             )
         )
-    report.ratios.append(
-        Ratio(
-            "Search, 1 worker: tracking cost per trial with trial_tracking=full (figures, "
-            "weights, per-layer metrics every epoch)",
-            [r - 1.0 for r in per_repeat(FULL_TRIALS, "untracked, 1 worker")],
-            "none (not the default)",
-            None,
-            percent=True,
-        )
-    )
     for kind in ("untracked", "tracked"):
         report.ratios.append(
             Ratio(
@@ -749,8 +836,8 @@ def bench_search(
         )
     report.ratios.append(
         Ratio(
-            f"Search, tracked, 1 worker: seconds per trial / the book's {BOOK_TRIAL_SECONDS} s",
-            [s / BOOK_TRIAL_SECONDS for s in per_trial["tracked, 1 worker"]],
+            "Search, tracked, 1 worker: seconds per trial / the book's own loop (same repeat)",
+            [s / b for s, b in zip(per_trial["tracked, 1 worker"], book, strict=True)],
             "< 1.00x",
             lambda v: v < 1.0,
         )
