@@ -147,6 +147,7 @@ def _compose_uncached(overrides):
         ["model.hidden_sizes=[8,4]", "mlflow.run_name='s-t3'", "sweep_id=s", "data=synthetic"],
         ["+optimizer.extra=1", "optimizer=momentum"],
         ["~mlflow.run_name"],
+        ["hydra.job.chdir=true", "optimizer.lr=0.2"],
     ],
 )
 def test_trial_composition_with_a_cached_defaults_list_equals_hydras(overrides):

@@ -922,9 +922,16 @@ class Pruning(Callback):
 def is_defaults_override(override) -> bool:
     """Whether a parsed override (Hydra's ``Override``) changes the defaults list (a config
     group's choice: ``optimizer=adam``, ``+experiment=quick``, ``hydra/launcher=...``) rather
-    than a value (``optimizer.lr=0.1``, ``~mlflow.run_name``)."""
+    than a value (``optimizer.lr=0.1``, ``~mlflow.run_name``). Hydra's own settings
+    (``hydra.job.chdir=...``) count as the former: they apply to the ``hydra`` node, which
+    the cached config no longer has."""
     key = override.key_or_group
-    return override.package is not None or "/" in key or key in _config_groups()
+    return (
+        override.package is not None
+        or "/" in key
+        or key in _config_groups()
+        or key.split(".", 1)[0] == "hydra"
+    )
 
 
 @functools.cache
