@@ -23,6 +23,12 @@ study's parent run tagged ``sweeps.role=best-test``; the parent gets the mean, s
 (``best/test_acc_mean``, ``best/test_acc_std``, ``best/test_acc_ci_low``, ...). Finished seeds
 are recorded in the study: a rerun, or a larger N, trains only the missing ones.
 
+Each trial is an MLflow child run. ``trial_tracking=lean`` (the default) records its params,
+tags, loss and accuracy curves, config, overrides and history.csv, and the detail metrics
+(per-layer statistics, timings) every 10th epoch, with no figures and no weights;
+``trial_tracking=full`` records every trial as ``sweeps.run`` does. The best-test runs always
+record everything.
+
 Hydra stops here: below, ``sweeps.search`` takes typed dataclasses.
 """
 
