@@ -14,6 +14,11 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+# util-linux's runuser lives in sbin, which a non-login root shell may not have on PATH
+RUNUSER = shutil.which("runuser") or next(
+    (p for p in ("/usr/sbin/runuser", "/sbin/runuser") if os.path.exists(p)), "runuser"
+)
+
 
 def find_bindir() -> Path | None:
     """The newest installed PostgreSQL server bin dir, or None."""
@@ -48,7 +53,7 @@ class PgServer:
     def _run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         cmd = [str(self.bindir / args[0]), *args[1:]]
         if self.as_root:
-            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+            cmd = [RUNUSER, "-u", "postgres", "--", *cmd]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=self.root)
         if out.returncode != 0:
             raise RuntimeError(
