@@ -329,6 +329,36 @@ def test_sigint_and_sigterm_end_the_run_as_killed(tmp_path, mlflow_store):
         assert r.data.tags[FAILURE_TAG].startswith("interrupted")
 
 
+def test_an_interrupt_wrapped_by_omegaconf_inside_a_run_ends_it_killed(
+    mlflow_store, compose_cfg, monkeypatch
+):
+    """Seen in a fresh-clone CI run: SIGINT landed while execute wrote config.yaml through
+    OmegaConf, came out as an OmegaConf error, and the command exited 1 instead of 130."""
+    import sweeps.run as R
+
+    def wrapped(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise ValueError("omegaconf-ish error") from None  # __context__: the interrupt
+
+    monkeypatch.setattr(R.OmegaConf, "to_yaml", wrapped)
+    overrides = [
+        "data=synthetic",
+        "model.hidden_sizes=[8]",
+        "trainer.epochs=1",
+        NO_FIGURES,
+        f"mlflow.tracking_uri={mlflow_store['uri']}",
+        f"mlflow.artifact_root={mlflow_store['artifacts']}",
+    ]
+    dcfg = compose_cfg(overrides)
+    with pytest.raises(KeyboardInterrupt):
+        execute(validate(dcfg), OmegaConf.to_container(dcfg, resolve=True), overrides)
+    (r,) = all_runs(mlflow_store)
+    assert r.info.status == "KILLED"
+    assert r.data.tags[FAILURE_TAG].startswith("interrupted")
+
+
 def test_a_signal_during_a_store_call_is_delivered_when_it_returns():
     steps = []
     previous = signal.getsignal(signal.SIGINT)

@@ -29,6 +29,7 @@ from sweeps.config import (
     RunConfig,
     choices_from_config,
     conf_dir,
+    interrupts_unwrapped,
     register_schemas,
     validate,
 )
@@ -133,7 +134,9 @@ def execute(
         )
     else:
         ctx = _null_context()
-    with ctx as run:
+    # A Ctrl-C or SIGTERM that lands inside OmegaConf (config.yaml below) can come out
+    # wrapped in an OmegaConf error: unwrapped inside the run, so it ends KILLED, not FAILED.
+    with ctx as run, interrupts_unwrapped():
         run.log_params(tracking.flatten(resolved))
         run.log_texts(
             {
