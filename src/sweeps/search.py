@@ -936,7 +936,7 @@ def is_defaults_override(override) -> bool:
 
 @functools.cache
 def _config_groups() -> frozenset[str]:
-    return frozenset(p.name for p in conf_dir().iterdir() if p.is_dir()) | {"hydra"}
+    return frozenset(p.name for p in conf_dir().iterdir() if p.is_dir())
 
 
 @functools.lru_cache(maxsize=1024)
@@ -977,10 +977,11 @@ def compose_trial(overrides: Sequence[str]):
         parsed = [_parsed_override(o) for o in overrides]
         if any(o.is_sweep_override() for o in parsed):
             compose(overrides)  # raises Hydra's own error (no sweeps in one config)
-        defaults = tuple(o.input_line for o in parsed if is_defaults_override(o))
-        cached, runtime = _composed_defaults(defaults)
+        defaults, values = [], []
+        for o in parsed:
+            (defaults if is_defaults_override(o) else values).append(o)
+        cached, runtime = _composed_defaults(tuple(o.input_line for o in defaults))
         dcfg = copy.deepcopy(cached)
-        values = [o for o in parsed if not is_defaults_override(o)]
         ConfigLoaderImpl._apply_overrides_to_config(values, dcfg)
     choices = {g: runtime.get(g) for g in GROUPS}
     experiment = runtime.get("experiment")
