@@ -50,3 +50,50 @@ def test_the_search_section_runs_every_contender_and_reports_its_rows():
     text = bench.format_report(report, ["header"])
     assert "| Search, 1 worker: tracking cost per trial" in text and "<= 10%" in text
     assert "search" in bench.SECTIONS
+
+
+def _mlp_and_lean(extra=()):
+    import numpy as np
+
+    from sweeps.experiment import build_model
+
+    cfg = bench.compose(
+        ["model=mlp", "optimizer=adam", "init=he", "model.hidden_sizes=[7,5]", *extra]
+    )
+    model = build_model(cfg, np.random.default_rng(3), (12,))
+    return cfg, model, bench.lean_mlp(cfg, model)
+
+
+def test_the_lean_loop_computes_the_trainers_gradients_and_adam_steps():
+    import numpy as np
+
+    from sweeps.optim import make_optimizer
+
+    cfg, model, lean = _mlp_and_lean()
+    o = cfg.optimizer
+    opt = make_optimizer("adam", lr=o.lr, beta1=o.beta1, beta2=o.beta2, eps=o.eps)
+    start = [w.copy() for w in lean.W]
+    rng = np.random.default_rng(0)
+    x = rng.random((20, 12), dtype=np.float32)
+    t = rng.integers(0, 10, 20)
+    for batch in (slice(0, 8), slice(8, 16), slice(16, 20)):  # the last one short
+        loss = model.gradient(x[batch], t[batch])
+        assert lean.gradient(x[batch], t[batch]) == pytest.approx(loss, rel=1e-6)
+        for k, layer in enumerate(model.layers[::2]):
+            np.testing.assert_allclose(lean.gW[k], layer.grads["W"], rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(lean.gb[k], layer.grads["b"], rtol=1e-5, atol=1e-7)
+        opt.step(model.flat_params, model.flat_grads)
+        lean.step()
+    for k, layer in enumerate(model.layers[::2]):
+        np.testing.assert_allclose(lean.W[k], layer.params["W"], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(lean.b[k], layer.params["b"], rtol=1e-5, atol=1e-7)
+    for w, w0 in zip(lean.W, start, strict=True):  # three steps moved every weight matrix
+        assert np.abs(w - w0).max() > 1e-4
+
+
+@pytest.mark.parametrize(
+    "extra", [["activation=sigmoid"], ["optimizer=sgd"], ["weight_decay=l2"], ["batchnorm=on"]]
+)
+def test_the_lean_loop_refuses_a_net_it_does_not_mirror(extra):
+    with pytest.raises(ValueError, match="LeanMLP mirrors"):
+        _mlp_and_lean(extra)
