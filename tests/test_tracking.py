@@ -178,11 +178,44 @@ def test_a_failed_run_keeps_the_artifacts_already_submitted(mlflow_store):
     with pytest.raises(RuntimeError, match="diverged"), _open(mlflow_store) as run:
         run.submit("activations/init.png", late_figure, run)
         run.queue_metrics([("train/loss", 2.3, 1)])
+        run.queue_tags({"data_digest": "abc"})
         raise RuntimeError("diverged")
     r = client.get_run(run.run_id)
     assert r.info.status == "FAILED"
     assert _artifacts(client, run.run_id) == {"activations/init.png"}
     assert r.data.metrics == {"train/loss": 2.3}  # buffered metrics are sent on failure too
+    assert r.data.tags["data_digest"] == "abc"  # and queued tags
+
+
+def test_queued_tags_go_with_the_metrics_and_uploads_need_no_run_lookup(mlflow_store, monkeypatch):
+    calls: list[str] = []
+    for name in ("log_batch", "get_run"):
+        real = getattr(MlflowClient, name)
+        monkeypatch.setattr(
+            MlflowClient,
+            name,
+            lambda self, *a, _real=real, _name=name, **k: (
+                calls.append(_name) or _real(self, *a, **k)
+            ),
+        )
+    with _open(mlflow_store) as run:
+        run.log_texts({"config.yaml": "a: 1\n", "sub/overrides.yaml": "- a=1\n"})
+        run.log_text("x,y\n", "history.csv")
+        run.log_bytes(b"\x89PNG", "activations/final.png")
+        run.queue_tags({f"t{i}": i for i in range(150)})  # more than one log_batch takes
+        run.queue_metrics([("train/loss", 2.3, 1), ("train/loss", 2.1, 2)])
+    assert calls == ["log_batch", "log_batch"]  # 100 tags + the metrics, then 50 tags
+    client = MlflowClient(mlflow_store["uri"])
+    r = client.get_run(run.run_id)
+    assert r.info.status == "FINISHED"
+    assert {f"t{i}" for i in range(150)} <= set(r.data.tags) and r.data.tags["t149"] == "149"
+    assert [m.value for m in client.get_metric_history(run.run_id, "train/loss")] == [2.3, 2.1]
+    assert _artifacts(client, run.run_id) == {
+        "config.yaml",
+        "sub/overrides.yaml",
+        "history.csv",
+        "activations/final.png",
+    }
 
 
 def test_ctrl_c_ends_the_run_killed_without_waiting_for_the_background(mlflow_store):
