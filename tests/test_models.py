@@ -206,6 +206,31 @@ def test_evaluate_and_predict_agree():
     assert loss == pytest.approx(model.loss(x, t, train=False), rel=1e-12)
 
 
+def test_a_convnet_evaluates_in_chunks_whose_arrays_fit_the_cache(monkeypatch):
+    from sweeps.nn import model as M
+
+    r = rng(4)
+    cnn = simple_convnet(rng=r, dtype=np.float64)
+    # the conv output, 30 x 24 x 24 float64 per sample, is the largest array
+    assert cnn.eval_chunk(1000) == M.EVAL_CHUNK_BYTES // (30 * 24 * 24 * 8) < 1000
+    assert mlp(784, [100, 100], 10, rng=r).eval_chunk(1000) == 1000  # 3 KB a sample
+    monkeypatch.setattr(M, "EVAL_CHUNK_BYTES", 3 * 30 * 24 * 24 * 8)  # 3 samples a chunk
+    fresh = simple_convnet(rng=rng(4), dtype=np.float64)
+    assert fresh.eval_chunk(1000) == 3
+    x, t = r.standard_normal((10, 1, 28, 28)), r.integers(0, 10, 10)
+    sizes: list[int] = []
+    forward = fresh.forward
+    monkeypatch.setattr(
+        fresh, "forward", lambda xb, train=False: sizes.append(len(xb)) or forward(xb, train)
+    )
+    loss, acc = fresh.evaluate(x, t, batch_size=1000)
+    assert sizes == [3, 3, 3, 1]
+    monkeypatch.undo()
+    assert loss == pytest.approx(fresh.loss(x, t, train=False), rel=1e-12)
+    assert acc == pytest.approx(np.mean(fresh.forward(x).argmax(axis=1) == t))
+    np.testing.assert_array_equal(fresh.predict(x), fresh.forward(x).argmax(axis=1))
+
+
 def test_state_dict_round_trip(tmp_path):
     r = rng(4)
     a = mlp(6, [5, 4], 3, rng=r, batchnorm=True, dropout=0.2, dtype=np.float64)

@@ -17,6 +17,7 @@ from sweeps.nn.init import Init
 
 ACTIVATIONS: dict[str, type[L.Layer]] = {"relu": L.ReLU, "sigmoid": L.Sigmoid, "tanh": L.Tanh}
 LOSSES = ("softmax_ce", "softmax_ce_clipped", "mse")
+EVAL_CHUNK_BYTES = 8 * 2**20  # an evaluation chunk's largest array: about a last-level cache
 
 
 def _check_choice(kind: str, value: str, allowed) -> None:
@@ -46,6 +47,7 @@ class Sequential:
         self.input_shape = tuple(input_shape)
         self.hidden = list(hidden)
         self.dtype = np.dtype(dtype)
+        self._sample_bytes: int | None = None  # see eval_chunk
         self._flatten_parameters()
 
     def _flatten_parameters(self) -> None:
@@ -121,8 +123,26 @@ class Sequential:
 
     # -- evaluation ---------------------------------------------------------------------
 
+    def eval_chunk(self, batch_size: int) -> int:
+        """Samples per evaluation chunk: ``batch_size``, fewer when the chunk's largest
+        intermediate array (a layer's output, a convolution's im2col matrix) would exceed
+        ``EVAL_CHUNK_BYTES``. Those arrays are written once and read once or twice: past the
+        last-level cache each pass goes to memory. SimpleConvNet's conv output is 69 KB per
+        sample, 69 MB for the default 1000; evaluating 6000 samples measured 1.09 s in chunks
+        of 1000, 0.79 s in chunks of 100 (2 cores, 32 MB L3)."""
+        if self._sample_bytes is None:
+            h, largest = np.zeros((1, *self.input_shape), dtype=self.dtype), 0
+            for layer in self.layers:
+                h = layer.forward(h, False)
+                col = getattr(layer, "col", None)
+                largest = max(largest, h.nbytes, col.nbytes if col is not None else 0)
+            self._sample_bytes = largest
+        return max(1, min(batch_size, EVAL_CHUNK_BYTES // max(self._sample_bytes, 1)))
+
     def evaluate(self, x: np.ndarray, t: np.ndarray, batch_size: int = 1000) -> tuple[float, float]:
-        """Mean loss and accuracy in evaluation mode, in chunks to bound memory."""
+        """Mean loss and accuracy in evaluation mode, in chunks of at most ``batch_size``
+        samples (``eval_chunk``) to bound memory."""
+        batch_size = self.eval_chunk(batch_size)
         total_loss, correct = 0.0, 0
         for i in range(0, x.shape[0], batch_size):
             xb, tb = x[i : i + batch_size], t[i : i + batch_size]
@@ -134,6 +154,7 @@ class Sequential:
 
     def predict(self, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
         """Predicted class per sample (evaluation mode)."""
+        batch_size = self.eval_chunk(batch_size)
         return np.concatenate(
             [
                 self.forward(x[i : i + batch_size]).argmax(axis=1)
