@@ -3,6 +3,7 @@ and buffered metrics."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import threading
@@ -262,3 +263,34 @@ def test_untracked_training_draws_nothing_and_never_imports_mlflow(run_cfg):
         "    m for m in sys.modules if m.startswith(('mlflow', 'matplotlib')))\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize("stop", [None, RuntimeError, KeyboardInterrupt])
+def test_the_last_epochs_detail_metrics_are_sent_however_training_ends(mlflow_store, run_cfg, stop):
+    """Detail metrics every 2nd epoch: epoch 3, the last, is logged too, also when training
+    stops there by an exception (a pruned trial, a failure, Ctrl-C)."""
+    cfg = run_cfg([*TINY, "trainer.epochs=3"])
+    rng = np.random.default_rng(cfg.seed)
+    splits = load_splits(cfg, rng)
+
+    class StopAtThree(Callback):
+        def on_epoch_end(self, epoch, metrics, model):
+            if stop is not None and epoch == 3:
+                raise stop("stop")
+
+    ids = []
+    if stop is not None:
+        cfg = run_cfg([*TINY, "trainer.epochs=4"])  # stopped at 3
+    with (
+        contextlib.suppress(RuntimeError, KeyboardInterrupt),
+        tracking.open_run(mlflow_store["uri"], "bg", mlflow_store["artifacts"]) as run,
+    ):
+        ids.append(run.run_id)
+        cb = tracking.MlflowCallback(run, splits.val.x[:50], 1, False, False, "", 2)
+        train(cfg, [cb, StopAtThree()], splits=splits, rng=rng)
+    client = MlflowClient(mlflow_store["uri"])
+    status = {None: "FINISHED", RuntimeError: "FAILED", KeyboardInterrupt: "KILLED"}[stop]
+    assert client.get_run(ids[0]).info.status == status
+    assert [m.step for m in client.get_metric_history(ids[0], "val/acc")] == [1, 2, 3]
+    for key in ("act/1/mean", "time/epoch", "iteration"):
+        assert [m.step for m in client.get_metric_history(ids[0], key)] == [2, 3], key

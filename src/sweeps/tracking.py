@@ -306,6 +306,7 @@ class Run:
         self._background: Background | None = None
         self._metrics: list[tuple[str, float, int, int]] = []  # (key, value, ms, step) unsent
         self._tags: dict[str, str] = {}  # queued, unsent
+        self._held: list[tuple[str, float, int, int]] = []  # sent only at the end (hold_metrics)
         self._sent = time.monotonic()
 
     @functools.cached_property
@@ -362,16 +363,25 @@ class Run:
         if time.monotonic() - self._sent >= METRICS_FLUSH_SECONDS:
             self.flush_metrics()
 
+    def hold_metrics(self, metrics: Iterable[tuple[str, float, int]]) -> None:
+        """Keep (key, value, step) metrics to send when the run ends, however it ends
+        (``flush_metrics(final=True)``), unless a later call replaces them: the detail metrics
+        of the latest epoch, which are logged only if it turns out to be the last."""
+        now = int(time.time() * 1000)
+        self._held = [(k, float(v), now, step) for k, v, step in metrics]
+
     def queue_tags(self, tags: Mapping[str, Any]) -> None:
         """Set tags with the next metrics sent (``flush_metrics``), not in a request of their
         own; ``open_run`` sends them whatever the outcome."""
         self._tags.update({k: str(v) for k, v in tags.items()})
 
-    def flush_metrics(self) -> None:
-        """Send the buffered metrics and the queued tags."""
+    def flush_metrics(self, final: bool = False) -> None:
+        """Send the buffered metrics and the queued tags; ``final``: the held metrics too."""
         from mlflow.entities import Metric, RunTag
 
         buffered, self._metrics = self._metrics, []
+        if final:
+            buffered, self._held = buffered + self._held, []
         tags, self._tags = [RunTag(k, v) for k, v in self._tags.items()], {}
         self._sent = time.monotonic()
         if buffered or tags:
@@ -512,7 +522,7 @@ def open_run(
             )
             run = Run(client, mlrun.info.run_id, mlrun.info.artifact_uri)
         yield run
-        run.flush_metrics()
+        run.flush_metrics(final=True)
         run.wait_background()
         run.check_background()
     except KeyboardInterrupt as e:
@@ -539,7 +549,7 @@ def _end_quietly(run: Run, status: str, reason: str) -> None:
     original exception."""
     # A second Ctrl-C while we record must not leave the run RUNNING.
     with contextlib.suppress(Exception, KeyboardInterrupt):
-        run.flush_metrics()
+        run.flush_metrics(final=True)
     with contextlib.suppress(Exception, KeyboardInterrupt):
         run.set_tags({FAILURE_TAG: reason[:5000]})
     for _ in range(3):
@@ -597,7 +607,6 @@ class MlflowCallback(Callback):
         self.probe = probe
         self.every = batch_loss_every
         self.detail_every = detail_metrics_every
-        self._detail_unsent: list[tuple[str, float, int]] = []  # the last epoch's, if skipped
         self.log_figures = log_figures
         self.log_model = log_model
         self.title = title
@@ -625,14 +634,14 @@ class MlflowCallback(Callback):
         if epoch % self.detail_every == 0:
             batch += detail
             detail = []
-        self._detail_unsent = detail
+        # an epoch whose detail is not due: sent if it is the last one, however training ends
+        # (the end of training, a failure, a pruned trial, Ctrl-C); else replaced by the next
+        self.run.hold_metrics(detail)
         self._pending.clear()
         self.run.queue_metrics(batch)
         self.run.check_background()  # a figure that failed to log stops the run now
 
     def on_train_end(self, history: History, model) -> None:
-        self.run.queue_metrics(self._detail_unsent)  # the last epoch's, if not sent yet
-        self._detail_unsent = []
         if self.log_figures:
             self._histograms(model, "activations/final.png", "after training")
             epochs = [dict(e) for e in history.epochs]
@@ -646,7 +655,8 @@ class MlflowCallback(Callback):
         if self.log_model:
             path = "model/params.npz"
             self.run.submit(path, self.run.log_npz, model.state_dict(), path)
-        self.run.flush_metrics()  # after submitting: the store write overlaps the drawing
+        # after submitting: the store write overlaps the drawing; the last epoch's detail too
+        self.run.flush_metrics(final=True)
 
     def _histograms(self, model, path: str, when: str) -> futures.Future | None:
         acts = model.hidden_activations(self.probe)  # copies: training may go on meanwhile
