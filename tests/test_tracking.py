@@ -50,6 +50,44 @@ def test_processes_opening_a_new_sqlite_store_at_once_all_succeed(tmp_path):
     assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
 
 
+LOG_DATASETS = """
+import sys, time
+import numpy as np
+from sweeps import tracking
+uri, artifacts, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
+x, t = np.zeros((4, 3), np.float32), np.arange(4)
+for i in range(8):  # dataset i in a new run of each process, both at start + i/4 s
+    with tracking.open_run(uri, "datasets", artifacts) as run:
+        while time.time() < start + i * 0.25:
+            time.sleep(0.0005)
+        run.log_datasets([(x, t, f"d{i}", f"digest{i}", "training")])
+"""
+
+
+def test_processes_logging_the_same_new_dataset_at_once_all_succeed(tmp_path):
+    """Two workers' first trials log the same new dataset together: the store looks it up,
+    finds it in neither, and the second insert broke the uniqueness constraint, failing the
+    trial (without the retry, about half of these 16 calls failed here)."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracking.ensure_experiment(tracking.get_client(uri), "datasets", str(tmp_path / "a"), uri)
+    start = time.time() + 5.0
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", LOG_DATASETS, uri, str(tmp_path / "a"), str(start)],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(errors)
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("datasets").experiment_id])
+    assert len(runs) == 16 and {r.info.status for r in runs} == {"FINISHED"}
+    names = sorted(d.dataset.name for r in runs for d in r.inputs.dataset_inputs)
+    assert names == sorted(f"d{i}" for i in range(8) for _ in range(2))
+
+
 def test_a_local_store_is_put_in_wal_mode_and_copies_keep_its_runs(tmp_path):
     import sqlite3
 
@@ -294,3 +332,42 @@ def test_the_last_epochs_detail_metrics_are_sent_however_training_ends(mlflow_st
     assert [m.step for m in client.get_metric_history(ids[0], "val/acc")] == [1, 2, 3]
     for key in ("act/1/mean", "time/epoch", "iteration"):
         assert [m.step for m in client.get_metric_history(ids[0], key)] == [2, 3], key
+
+
+def test_a_dataset_another_worker_inserted_at_the_same_moment_is_retried(mlflow_store, monkeypatch):
+    """Two workers' first trials log the same new dataset at once: the store's lookup finds
+    it in neither, the second insert breaks the uniqueness constraint (the error below is the
+    one a tracking server returned). The call is repeated and the run gets its inputs; any
+    other store error is raised at once."""
+    from mlflow.exceptions import MlflowException, RestException
+
+    real = MlflowClient.log_inputs
+    calls: list[int] = []
+    race = (
+        "BAD_REQUEST: (sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id,"
+        " datasets.name, datasets.digest"
+    )
+
+    def racing(self, run_id, inputs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RestException({"error_code": "BAD_REQUEST", "message": race})
+        return real(self, run_id, inputs)
+
+    monkeypatch.setattr(MlflowClient, "log_inputs", racing)
+    x, t = np.zeros((4, 3), np.float32), np.arange(4)
+    with _open(mlflow_store) as run:
+        run.log_datasets([(x, t, "synthetic-train", "abc", "training")])
+    assert len(calls) == 2
+    inputs = MlflowClient(mlflow_store["uri"]).get_run(run.run_id).inputs.dataset_inputs
+    assert [(d.dataset.name, d.dataset.digest) for d in inputs] == [("synthetic-train", "abc")]
+
+    def broken(self, run_id, inputs):
+        calls.append(1)
+        raise MlflowException("INVALID_PARAMETER_VALUE: no such run")
+
+    calls.clear()
+    monkeypatch.setattr(MlflowClient, "log_inputs", broken)
+    with pytest.raises(MlflowException, match="no such run"), _open(mlflow_store) as run:
+        run.log_datasets([(x, t, "synthetic-train", "abc", "training")])
+    assert len(calls) == 1

@@ -296,6 +296,15 @@ class Background:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+DATASET_ATTEMPTS = 3  # log_inputs tries, when another process inserted the same dataset
+
+
+def _duplicate_key(e: Exception) -> bool:
+    """Whether a store error is a uniqueness violation (SQLite, PostgreSQL, MySQL wording)."""
+    text = str(e).lower()
+    return any(w in text for w in ("unique constraint", "uniqueviolation", "duplicate entry"))
+
+
 class Run:
     """An open MLflow run: thin helpers over MlflowClient for one run id."""
 
@@ -467,8 +476,22 @@ class Run:
             )
             for x, t, name, digest, context in datasets
         ]
-        with signals_held():
-            self.client.log_inputs(self.run_id, inputs)
+        from mlflow.exceptions import MlflowException
+
+        for attempt in range(DATASET_ATTEMPTS):
+            try:
+                with signals_held():
+                    self.client.log_inputs(self.run_id, inputs)
+                return
+            except MlflowException as e:
+                # The store records a dataset once per experiment: it looks it up, then
+                # inserts it. Two workers logging the same new dataset at once both find none
+                # and the second insert breaks the uniqueness constraint (seen with two
+                # workers' first trials on a tracking server). Its transaction was rolled
+                # back; again, the lookup finds the dataset.
+                if attempt + 1 == DATASET_ATTEMPTS or not _duplicate_key(e):
+                    raise
+                time.sleep(0.05 * (attempt + 1))
 
     def end(self, status: str) -> None:
         with signals_held():
