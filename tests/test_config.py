@@ -474,7 +474,10 @@ def test_wrong_type_names_key_and_value(compose_cfg, override, detail):
         (["model=simple_cnn", "model.filters=0"], "model.filters must be >= 1, got 0"),
         (["init=std", "init.std=-1"], "init.std must be > 0, got -1.0"),
         (["batchnorm.momentum=1"], "batchnorm.momentum must be in [0, 1), got 1.0"),
-        (["weight_decay.strength=-1"], "weight_decay.strength must be >= 0, got -1.0"),
+        (
+            ["weight_decay.strength=-1"],
+            "weight_decay.strength must be a finite number >= 0, got -1.0",
+        ),
         (
             ["activation.name=elu"],
             "unknown activation 'elu'; choose from ['relu', 'sigmoid', 'tanh']",

@@ -123,6 +123,26 @@ def test_bad_learning_rate_is_rejected(name, lr):
         make_optimizer(name, lr=lr)
 
 
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("lr", [True, "0.01", None])
+def test_a_learning_rate_that_is_not_a_number_is_rejected(name, lr):
+    with pytest.raises(ValueError, match=rf"lr must be a finite number > 0, got {lr!r}"):
+        make_optimizer(name, lr=lr)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_numpy_numbers_are_accepted_and_kept_as_python_floats(name):
+    opt = make_optimizer(
+        name,
+        lr=np.float32(0.5),
+        **({"momentum": np.float64(0.5)} if name in ("momentum", "nesterov") else {}),
+    )
+    assert opt.lr == 0.5 and type(opt.lr) is float
+    p, g = np.ones(3, np.float32), np.ones(3, np.float32)
+    opt.step(p, g)
+    assert p.dtype == np.float32 and np.all(p < 1)
+
+
 @pytest.mark.parametrize(
     ("name", "key"),
     [
@@ -196,7 +216,7 @@ def test_weight_decay_off_is_a_no_op():
     np.testing.assert_array_equal(model.flat_grads, grads)
 
 
-@pytest.mark.parametrize("strength", [-0.1, "0.1"])
+@pytest.mark.parametrize("strength", [-0.1, "0.1", True, math.inf, math.nan])
 def test_weight_decay_rejects_bad_strength(strength):
     with pytest.raises(ValueError, match="strength"):
         WeightDecay(strength)

@@ -13,6 +13,7 @@ the loss gains 0.5*lambda*sum(W^2) and the gradient lambda*W, for weights only (
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,14 +21,19 @@ import numpy as np
 EPS = 1e-7
 
 
+def _is_number(value) -> bool:
+    """A real number: Python's or NumPy's (an lr taken from a float32 array), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+
+
 def _positive(name: str, value: float) -> float:
-    if not (isinstance(value, int | float) and np.isfinite(value) and value > 0):
+    if not (_is_number(value) and np.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+    return float(value)  # a Python float: NumPy scalars would change the updates' dtype
 
 
 def _in_unit(name: str, value: float) -> float:
-    if not (isinstance(value, int | float) and 0.0 <= value < 1.0):
+    if not (_is_number(value) and 0.0 <= value < 1.0):
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
     return float(value)
 
@@ -243,8 +249,11 @@ class WeightDecay:
     _scratch: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.strength, int | float) and self.strength >= 0):
-            raise ValueError(f"weight_decay.strength must be >= 0, got {self.strength!r}")
+        if not (_is_number(self.strength) and np.isfinite(self.strength) and self.strength >= 0):
+            raise ValueError(
+                f"weight_decay.strength must be a finite number >= 0, got {self.strength!r}"
+            )
+        self.strength = float(self.strength)
 
     def penalty(self, p: np.ndarray, n_decayed: int) -> float:
         if not self.strength:
