@@ -53,7 +53,6 @@ import argparse
 import contextlib
 import functools
 import itertools
-import math
 import os
 import platform
 import statistics
@@ -70,6 +69,7 @@ from threadpoolctl import threadpool_info
 from sweeps import data as D
 from sweeps.config import RunConfig, load
 from sweeps.experiment import build_model, train
+from sweeps.optim import Adam
 from sweeps.readme import replace_block
 from sweeps.train import Callback
 
@@ -262,7 +262,7 @@ class LeanMLP:
     """The issue's "lean float32 NumPy loop" for a ReLU MLP with a softmax cross-entropy
     loss: every parameter in one contiguous buffer, every activation, mask and gradient in a
     buffer allocated once, ReLU and its mask in place, the first layer's dx skipped, and
-    in-place Adam in the same ten passes as ``sweeps.optim.Adam``. No layers, callbacks,
+    the trainer's in-place Adam over that buffer. No layers, callbacks,
     checks or config: what NumPy alone costs for this training, the floor the trainer is
     held against (``time_lean``). Its gradients and steps equal the trainer's (tests)."""
 
@@ -296,9 +296,7 @@ class LeanMLP:
         self.mask = [np.empty((batch_size, m), np.float32) for m in widths[:-1]]
         self.dx = [np.empty((batch_size, m), np.float32) for m in widths[:-1]]
         self.ones = np.ones(batch_size, np.float32)
-        self.m_, self.v_ = np.zeros(total, np.float32), np.zeros(total, np.float32)
-        self.tmp = np.empty(total, np.float32)
-        self.lr, self.beta1, self.beta2, self.eps, self.t = lr, beta1, beta2, eps, 0
+        self.adam = Adam(lr, beta1, beta2, eps)
 
     def gradient(self, xb: np.ndarray, tb: np.ndarray) -> float:
         """Forward and backward on one batch into ``g``; returns the batch loss."""
@@ -334,23 +332,9 @@ class LeanMLP:
         return loss
 
     def step(self) -> None:
-        """Adam, as ``sweeps.optim.Adam.step``."""
-        self.t += 1
-        b1, b2 = self.beta1, self.beta2
-        lr_t = self.lr * math.sqrt(1.0 - b2**self.t) / (1.0 - b1**self.t)
-        step_size = lr_t * (1.0 - b1) / math.sqrt(1.0 - b2)
-        eps = self.eps / math.sqrt(1.0 - b2)
-        m_, v_, tmp, g = self.m_, self.v_, self.tmp, self.g
-        m_ *= b1
-        m_ += g
-        np.multiply(g, g, out=tmp)
-        v_ *= b2
-        v_ += tmp
-        np.sqrt(v_, out=tmp)
-        tmp += eps
-        np.divide(m_, tmp, out=tmp)
-        tmp *= step_size
-        self.p -= tmp
+        """The trainer's Adam (``sweeps.optim.Adam``: in place over the flat buffer, no
+        allocation per step)."""
+        self.adam.step(self.p, self.g)
 
 
 def lean_mlp(cfg: RunConfig, model) -> LeanMLP:

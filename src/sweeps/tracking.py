@@ -468,6 +468,7 @@ class Run:
         """Record (x, t, name, digest, context) datasets as the run's inputs, in one request."""
         import mlflow.data
         from mlflow.entities import DatasetInput, InputTag
+        from mlflow.exceptions import MlflowException
 
         inputs = [
             DatasetInput(
@@ -476,8 +477,6 @@ class Run:
             )
             for x, t, name, digest, context in datasets
         ]
-        from mlflow.exceptions import MlflowException
-
         for attempt in range(DATASET_ATTEMPTS):
             try:
                 with signals_held():
