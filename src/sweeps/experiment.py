@@ -16,6 +16,7 @@ import numpy as np
 from sweeps import data as D
 from sweeps.config import RunConfig
 from sweeps.nn import Sequential, deep_convnet, mlp, simple_convnet
+from sweeps.nn.layers import BatchNorm
 from sweeps.optim import Optimizer, make_optimizer
 from sweeps.train import Callback, History, fit
 
@@ -82,8 +83,9 @@ def build_model(
             **common,
         )
     elif m.name == "simple_cnn":
+        c, h, w = input_shape  # (C, H, W): another shape fails to unpack, as in the builder
         model = simple_convnet(
-            input_shape=input_shape,
+            input_shape=(c, h, w),
             filters=m.filters,
             filter_size=m.filter_size,
             stride=m.stride,
@@ -92,8 +94,9 @@ def build_model(
             **common,
         )
     elif m.name == "deep_cnn":
+        c, h, w = input_shape
         model = deep_convnet(
-            input_shape=input_shape,
+            input_shape=(c, h, w),
             hidden_size=m.hidden_size,
             dropout_on_logits=m.dropout_on_logits,
             **common,
@@ -101,7 +104,7 @@ def build_model(
     else:  # the schema only admits the names above
         raise ValueError(f"unknown model {m.name!r}; choose from ['mlp', 'simple_cnn', 'deep_cnn']")
     for layer in model.layers:  # BN hyperparameters from the batchnorm group
-        if hasattr(layer, "running_var"):
+        if isinstance(layer, BatchNorm):  # the only layer with running statistics
             layer.momentum, layer.eps = cfg.batchnorm.momentum, cfg.batchnorm.eps
     return model
 

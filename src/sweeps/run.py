@@ -9,13 +9,14 @@ for each trial, so a trial is exactly what this command runs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, cast
 
 import hydra
 import numpy as np
@@ -101,7 +102,7 @@ def execute(
     resolved: Mapping[str, Any],
     overrides: Sequence[str] = (),
     *,
-    choices: Mapping[str, str] | None = None,
+    choices: Mapping[str, str | None] | None = None,
     extra_tags: Mapping[str, Any] | None = None,
     parent_run_id: str | None = None,
     callbacks: Sequence[Callback] = (),
@@ -123,6 +124,7 @@ def execute(
     tags.update(tracking.environment_tags())
     tags.update(extra_tags or {})
 
+    ctx: contextlib.AbstractContextManager[tracking.Run | tracking.NullRun]
     if m.enabled:
         ctx = tracking.open_run(
             m.tracking_uri,
@@ -180,10 +182,10 @@ def execute(
 
 
 class _null_context:
-    def __enter__(self):
+    def __enter__(self) -> tracking.NullRun:
         return tracking.NullRun()
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> Literal[False]:
         return False
 
 
@@ -221,7 +223,9 @@ def _hydra_main(dcfg: DictConfig) -> float | None:
         cfg.sweep_id = sweep_id_for(hc)
     choices = {g: hc.runtime.choices.get(g) for g in GROUPS}
     cfg.experiment = hc.runtime.choices.get("experiment") or cfg.experiment
-    resolved = OmegaConf.to_container(dcfg, resolve=True)
+    # A DictConfig becomes a dict with str keys (the stub returns the union of every
+    # container type to_container can return).
+    resolved = cast(dict[str, Any], OmegaConf.to_container(dcfg, resolve=True))
     resolved["sweep_id"] = cfg.sweep_id
     resolved["experiment"] = cfg.experiment
     overrides = list(hc.overrides.task)

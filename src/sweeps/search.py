@@ -63,7 +63,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
@@ -77,6 +77,9 @@ from sweeps.config import (
     register_schemas,
 )
 from sweeps.train import Callback
+
+if TYPE_CHECKING:
+    from hydra.core.override_parser.types import Override
 
 log = logging.getLogger("sweeps.search")
 
@@ -940,7 +943,7 @@ def _config_groups() -> frozenset[str]:
 
 
 @functools.lru_cache(maxsize=1024)
-def _parsed_override(line: str):
+def _parsed_override(line: str) -> Override:
     """Hydra's parse of one override line (its ANTLR grammar: about 1 ms a line, and a
     trial's base overrides are the same every trial). Parsed overrides are only read."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -977,7 +980,8 @@ def compose_trial(overrides: Sequence[str]):
         parsed = [_parsed_override(o) for o in overrides]
         if any(o.is_sweep_override() for o in parsed):
             compose(overrides)  # raises Hydra's own error (no sweeps in one config)
-        defaults, values = [], []
+        defaults: list[Override] = []
+        values: list[Override] = []
         for o in parsed:
             (defaults if is_defaults_override(o) else values).append(o)
         cached, runtime = _composed_defaults(tuple(o.input_line for o in defaults))
