@@ -14,6 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+import children
 from sweeps.config import RunConfig, conf_dir, register_schemas, validate
 
 
@@ -65,3 +66,11 @@ def mlflow_store(tmp_path, _mlflow_template) -> dict[str, str]:
         "artifacts": str(root / "artifacts"),
         "dir": str(root),
     }
+
+
+@pytest.fixture(autouse=True)
+def _no_process_outlives_its_test():
+    """A command started through ``children.popen`` and still running when its test ends
+    is killed (a failed assertion must not leave a 100000-epoch run training)."""
+    yield
+    children.kill_leftovers()

@@ -13,6 +13,7 @@ import optuna
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
+import children
 from sweeps import search as S
 
 EXPERIMENT = "sweeps-search"
@@ -60,7 +61,7 @@ def load_study(spec: str, name: str) -> optuna.Study:
 def spawn(args: Sequence[str], cwd: Path, log: Path) -> subprocess.Popen:
     """The search command in its own process, output to ``log``."""
     with open(log, "w") as out:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(
+        return children.popen(
             [sys.executable, "-m", "sweeps.optuna_search", *args],
             cwd=cwd,
             stdout=out,

@@ -21,6 +21,7 @@ import yaml
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
+import children
 import sweeps
 from sweeps.config import GROUPS, conf_dir, validate
 from sweeps.run import execute
@@ -53,7 +54,7 @@ def _command(args: Sequence[str], store: dict[str, str] | None) -> list[str]:
 def start(args: Sequence[str], cwd: Path, store: dict[str, str] | None = None) -> subprocess.Popen:
     env = {**os.environ, "SWEEPS_DATA_DIR": str(cwd / "no-mnist-here")}
     env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.Popen(
+    return children.popen(
         _command(args, store),
         cwd=cwd,
         env=env,
@@ -327,6 +328,13 @@ def test_sigint_and_sigterm_end_the_run_as_killed(tmp_path, mlflow_store):
         assert r.info.status == "KILLED", sig
         assert r.info.end_time is not None
         assert r.data.tags[FAILURE_TAG].startswith("interrupted")
+
+
+def test_a_command_left_running_by_a_test_is_killed():
+    proc = children.popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    assert children.kill_leftovers() == [proc]
+    assert proc.returncode == -signal.SIGKILL
+    assert children.STARTED == []
 
 
 def test_an_interrupt_wrapped_by_omegaconf_inside_a_run_ends_it_killed(
