@@ -1079,10 +1079,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(blas_threads())  # the same thread count as NumPy's BLAS
     load_before, start = load_average(), time.perf_counter()
     report = Report()
+    spent = []
     for name in args.sections:
+        section_start = time.perf_counter()
         SECTIONS[name](report, args.repeats)
+        spent.append(f"{name} {time.perf_counter() - section_start:.0f} s")
     report.notes.append(
-        f"total benchmark time: {time.perf_counter() - start:.0f} s; "
+        f"total benchmark time: {time.perf_counter() - start:.0f} s ({', '.join(spent)}); "
         f"load average (1 min) {load_before} before, {load_average()} after"
     )
     words = ["--repeats", str(args.repeats), "--sections", *args.sections]
