@@ -105,6 +105,47 @@ def test_a_local_store_is_put_in_wal_mode_and_copies_keep_its_runs(tmp_path):
     assert got.info.status == "FINISHED" and got.data.metrics == {"x": 2.0}
 
 
+@pytest.mark.parametrize(
+    ("uri", "path"),
+    [
+        ("sqlite:///mlruns/mlflow.db", Path("mlruns/mlflow.db")),
+        ("sqlite:////tmp/x/mlflow.db", Path("/tmp/x/mlflow.db")),
+        ("sqlite:///mlruns/mlflow.db?timeout=60&mode=rwc", Path("mlruns/mlflow.db")),
+        ("sqlite:///:memory:", None),
+        ("sqlite:///:memory:?cache=shared", None),
+        ("sqlite:///", None),
+        ("sqlite://", None),
+        ("postgresql://user:secret@host/db", None),
+        ("http://localhost:5000", None),
+        ("mlruns/optuna/journal.log", None),
+    ],
+)
+def test_sqlite_path_is_the_database_file_of_a_sqlite_uri(uri, path):
+    assert tracking.sqlite_path(uri) == path
+
+
+def test_get_client_prepares_only_the_file_a_sqlite_uri_names(tmp_path, monkeypatch):
+    """The lock and WAL mode go to the database file without the URI's query string; a
+    server or an in-memory database goes straight to the client and leaves no file."""
+    import sqlite3
+
+    import mlflow
+
+    made: list[str] = []
+    monkeypatch.setattr(mlflow, "MlflowClient", lambda tracking_uri: made.append(tracking_uri))
+    monkeypatch.chdir(tmp_path)
+    uris = ["http://localhost:5000", "sqlite:///:memory:"]
+    for uri in uris:
+        tracking.get_client(uri)
+    assert list(tmp_path.iterdir()) == []
+    uris.append(f"sqlite:///{tmp_path}/store/m.db?timeout=60")
+    tracking.get_client(uris[-1])
+    assert made == uris
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["m.db", "m.db.init.lock"]
+    with contextlib.closing(sqlite3.connect(tmp_path / "store" / "m.db")) as con:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
 # -- the callback's background thread and buffered metrics -------------------------------------
 
 ARTIFACTS = {

@@ -76,6 +76,7 @@ from sweeps.config import (
     interrupts_unwrapped,
     register_schemas,
 )
+from sweeps.tracking import sqlite_path
 from sweeps.train import Callback
 
 if TYPE_CHECKING:
@@ -644,13 +645,6 @@ def rdb_url(url: str) -> str:
 def redact(url: str) -> str:
     """The storage URL without its password."""
     return re.sub(r"://([^:/@]+):[^@/]*@", r"://\1:***@", url)
-
-
-def sqlite_path(url: str) -> Path | None:
-    if url.startswith("sqlite:///"):
-        path = url.removeprefix("sqlite:///").split("?", 1)[0]
-        return Path(path) if path and path != ":memory:" else None
-    return None
 
 
 def open_storage(storage: str, heartbeat_interval: int, grace_period: int):

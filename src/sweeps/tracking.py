@@ -158,10 +158,22 @@ def _git_state(where: Path) -> dict[str, str]:
         return {"git_commit": "unknown", "git_dirty": "unknown"}
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (``sqlite:///mlruns/mlflow.db`` relative,
+    ``sqlite:////tmp/mlflow.db`` absolute), without its query string (``?timeout=60``).
+    None for an in-memory database (``sqlite:///:memory:``, ``sqlite:///``) and for any
+    other URI. Shared by the MLflow store and the Optuna storage."""
+    if uri.startswith("sqlite:///"):
+        path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+        return Path(path) if path and path != ":memory:" else None
+    return None
+
+
 def local_store_paths(tracking_uri: str) -> None:
     """Make sure the folder of a local SQLite store exists."""
-    if tracking_uri.startswith("sqlite:///"):
-        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite_path(tracking_uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
 
 
 def ui_command(tracking_uri: str) -> str:
@@ -178,9 +190,9 @@ def get_client(tracking_uri: str):
     from mlflow import MlflowClient
 
     local_store_paths(tracking_uri)
-    if not tracking_uri.startswith("sqlite:///"):
+    db = sqlite_path(tracking_uri)
+    if db is None:  # a server, another database, or SQLite in memory: no file to prepare
         return MlflowClient(tracking_uri=tracking_uri)
-    db = Path(tracking_uri.removeprefix("sqlite:///"))
     with flock(Path(f"{db}.init.lock")):
         client = MlflowClient(tracking_uri=tracking_uri)  # builds (and caches) the store
         if db not in _in_wal_mode:
