@@ -4,6 +4,7 @@ and buffered metrics."""
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 import threading
@@ -373,6 +374,30 @@ def test_the_last_epochs_detail_metrics_are_sent_however_training_ends(mlflow_st
     assert [m.step for m in client.get_metric_history(ids[0], "val/acc")] == [1, 2, 3]
     for key in ("act/1/mean", "time/epoch", "iteration"):
         assert [m.step for m in client.get_metric_history(ids[0], key)] == [2, 3], key
+
+
+def test_datasets_record_their_source_without_mlflow_context_providers(mlflow_store, monkeypatch):
+    """from_numpy alone runs MLflow's context providers for every dataset (GitPython opens
+    the checkout; a Ctrl-C in its Repo finalizer was swallowed). The source is built once
+    per process instead, with the same tags."""
+    import json
+
+    from mlflow.tracking.context import registry
+
+    def providers(*args, **kwargs):
+        raise AssertionError("MLflow's run-context providers ran")
+
+    monkeypatch.setattr(registry, "resolve_tags", providers)
+    x, t = np.zeros((4, 3), np.float32), np.arange(4)
+    with _open(mlflow_store) as run:
+        run.log_datasets([(x, t, "train", "abc", "training"), (x, t, "val", "abd", "eval")])
+    inputs = MlflowClient(mlflow_store["uri"]).get_run(run.run_id).inputs.dataset_inputs
+    assert sorted(d.dataset.name for d in inputs) == ["train", "val"]
+    tags = json.loads(inputs[0].dataset.source)["tags"]
+    assert tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.source.name"] == os.path.abspath(sys.argv[0])
+    commit = tracking.git_state()["git_commit"]
+    assert tags.get("mlflow.source.git.commit") == (None if commit == "unknown" else commit)
 
 
 def test_a_dataset_another_worker_inserted_at_the_same_moment_is_retried(mlflow_store, monkeypatch):
