@@ -437,3 +437,28 @@ def test_a_dataset_another_worker_inserted_at_the_same_moment_is_retried(mlflow_
     with pytest.raises(MlflowException, match="no such run"), _open(mlflow_store) as run:
         run.log_datasets([(x, t, "synthetic-train", "abc", "training")])
     assert len(calls) == 1
+
+
+def test_config_yaml_writes_what_omegaconf_writes_and_reads_back_the_same(compose_cfg):
+    import yaml
+    from omegaconf import OmegaConf
+
+    for overrides in ([], ["model=simple_cnn", "optimizer=adam", "weight_decay=l2"]):
+        resolved = OmegaConf.to_container(compose_cfg(overrides), resolve=True)
+        assert tracking.config_yaml(resolved) == OmegaConf.to_yaml(OmegaConf.create(resolved))
+    tricky = {
+        "exp": "1e-3",  # a float to OmegaConf's loader, a string to YAML 1.1
+        "under": "1_000",
+        "inf": "inf",
+        "int": "10",
+        "bool": "yes",
+        "null": "null",
+        "empty": "",
+        "text": "plain words: here",
+        "none": None,
+        "list": [1, "2", 0.5, True],
+        "nested": {"lr": 0.01, "name": "on"},
+    }
+    text = tracking.config_yaml(tricky)
+    assert OmegaConf.to_container(OmegaConf.create(text)) == tricky
+    assert yaml.safe_load(text) == tricky

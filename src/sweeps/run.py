@@ -136,16 +136,17 @@ def execute(
         )
     else:
         ctx = _null_context()
-    # A Ctrl-C or SIGTERM that lands inside OmegaConf (config.yaml below) can come out
-    # wrapped in an OmegaConf error: unwrapped inside the run, so it ends KILLED, not FAILED.
+    # A Ctrl-C or SIGTERM that lands inside library code (OmegaConf, YAML) can come out
+    # wrapped in its error: unwrapped inside the run, so it ends KILLED, not FAILED.
     with ctx as run, interrupts_unwrapped():
-        run.log_params(tracking.flatten(resolved))
-        run.log_texts(
-            {
-                "config.yaml": OmegaConf.to_yaml(OmegaConf.create(dict(resolved))),
-                "overrides.yaml": "\n".join(f"- {o}" for o in overrides) + "\n",
-            }
-        )
+        if m.enabled:  # a NullRun drops them: not even built (12 ms a search trial)
+            run.log_params(tracking.flatten(resolved))
+            run.log_texts(
+                {
+                    "config.yaml": tracking.config_yaml(resolved),
+                    "overrides.yaml": "\n".join(f"- {o}" for o in overrides) + "\n",
+                }
+            )
         rng = np.random.default_rng(cfg.seed)
         splits = load_splits(cfg, rng)
         run.queue_tags({"data_digest": splits.digest})  # sent with the metrics: one request less

@@ -749,6 +749,40 @@ class MlflowCallback(Callback):
         self.run.log_bytes(png_bytes(learning_curves(epochs, batch_losses, self.title)), path)
 
 
+def config_yaml(resolved: Mapping[str, Any]) -> str:
+    """A resolved config (plain containers) as the YAML of its ``config.yaml`` artifact: the
+    text ``OmegaConf.to_yaml`` writes, through libyaml's emitter when PyYAML has it (0.8 ms
+    for a search trial of the book's protocol against 12 ms, paid by every tracked trial).
+    As OmegaConf does, a string its loader would read back as a number (``'1e-3'``) is
+    quoted."""
+    import yaml
+
+    return yaml.dump(
+        dict(resolved),
+        Dumper=_config_dumper(),
+        default_flow_style=False,
+        allow_unicode=True,
+        sort_keys=False,
+    )
+
+
+@functools.cache
+def _config_dumper() -> Any:
+    import yaml
+
+    def represent_str(dumper, data: str):
+        try:
+            float(data)  # OmegaConf reads 1e-3, 1_000 and inf as floats; YAML 1.1 does not
+            style: str | None = "'"
+        except ValueError:
+            style = None  # PyYAML quotes what YAML itself would read as another type
+        return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+    dumper: Any = type("ConfigDumper", (getattr(yaml, "CSafeDumper", yaml.SafeDumper),), {})
+    dumper.add_representer(str, represent_str)  # on the subclass only
+    return dumper
+
+
 def history_csv(history: History) -> str:
     """Per-epoch metrics as CSV text."""
     keys = sorted({k for e in history.epochs for k in e})
