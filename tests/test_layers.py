@@ -334,6 +334,24 @@ def test_max_pooling_forward_and_gradients(rng, x_shape, ph, pw, stride, pad):
     assert_checked(check_layer(layer, x, rng=rng), {"x"})
 
 
+@pytest.mark.parametrize(("x_shape", "ph", "pw", "stride", "pad"), POOL_CASES)
+def test_max_pooling_evaluation_gives_the_training_output(rng, x_shape, ph, pw, stride, pad):
+    """Evaluation takes the max alone (its own passes, no argmax): the same values, C order,
+    on plain and channel-major (a convolution's output) inputs, with ties; a backward pass
+    after it routes as after a training pass."""
+    ties = np.round(rng.standard_normal(x_shape))  # many equal values, zeros among them
+    channel_major = np.ascontiguousarray(ties.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)
+    for x in (ties, channel_major, distinct(rng, x_shape)):
+        train, evaluate = L.MaxPooling(ph, pw, stride, pad), L.MaxPooling(ph, pw, stride, pad)
+        expected = train.forward(x, train=True)
+        out = evaluate.forward(x, train=False)
+        np.testing.assert_array_equal(out, expected)
+        np.testing.assert_array_equal(out, maxpool_reference(x, ph, pw, stride, pad))
+        assert out.flags.c_contiguous
+        dout = rng.standard_normal(out.shape)
+        np.testing.assert_array_equal(evaluate.backward(dout), train.backward(dout))
+
+
 def test_max_pooling_routes_gradient_to_the_max():
     x = np.array([[[[1.0, 5.0], [3.0, 2.0]]]])
     layer = L.MaxPooling(2, 2, 2)
