@@ -618,8 +618,10 @@ def test_stale_trials_of_dead_workers_are_failed_and_their_runs_killed(tmp_path,
 @pytest.mark.slow
 def test_sigkill_mid_study_then_rerun_finishes_the_exact_budget(tmp_path, mlflow_store):
     storage = str(tmp_path / "journal.log")
+    # 60 epochs: a trial trains long enough for the poll below to see it running (with 8,
+    # the whole study once finished between two polls)
     args = tiny_args(
-        storage, mlflow_store, study="kill", rounds=[(4, "random"), (3, "tpe")], epochs=8
+        storage, mlflow_store, study="kill", rounds=[(4, "random"), (3, "tpe")], epochs=60
     )
     proc = spawn(args, tmp_path, tmp_path / "first.log")
     try:
@@ -652,8 +654,11 @@ def test_sigkill_mid_study_then_rerun_finishes_the_exact_budget(tmp_path, mlflow
     ]
     # Its run ends KILLED; or FINISHED when the kill came after its training had ended but
     # before the worker could record the trial (the launcher died holding the journal lock).
-    # Either way the run is closed and says its trial failed, and the slot ran again.
-    assert killed_runs
+    # Either way the run is closed and says its trial failed, and the slot ran again. The
+    # kill can also land after the next trial started in Optuna but before its run was
+    # created (seen once): that trial then has no run at all.
+    if not killed_runs:
+        assert not [n for n in killed if S.RUN_ID in trials[n].user_attrs]
     for r in killed_runs:
         assert r.info.status in ("KILLED", "FINISHED"), r.info.status
         assert r.data.tags.get("trial_state") == "FAIL", r.data.tags
