@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -462,3 +463,52 @@ def test_config_yaml_writes_what_omegaconf_writes_and_reads_back_the_same(compos
     text = tracking.config_yaml(tricky)
     assert OmegaConf.to_container(OmegaConf.create(text)) == tricky
     assert yaml.safe_load(text) == tricky
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_swallowed_by_a_finalizer_still_stops_training(sig):
+    """A Ctrl-C (or SIGTERM) whose exception is raised inside a finalizer is only printed
+    ("Exception ignored in ..."); the recorded signal is raised again after the batch."""
+    from sweeps.nn import mlp
+    from sweeps.optim import make_optimizer
+    from sweeps.train import TrainSettings, fit
+
+    rng = np.random.default_rng(0)
+    x, t = rng.standard_normal((200, 4)), rng.integers(0, 3, 200)
+    seen: list[int] = []
+
+    class Swallows:
+        def __del__(self):
+            os.kill(os.getpid(), sig)
+            for _ in range(1000):  # the signal's handler runs in here, its exception ignored
+                pass
+
+    class Trigger(Callback):
+        def on_batch_end(self, iteration, loss):
+            seen.append(iteration)
+            if iteration == 2:
+                Swallows()  # collected at once
+
+    def train(*checks):
+        settings = TrainSettings(epochs=2, batch_size=20)
+        model = mlp(4, [5], 3, rng=np.random.default_rng(0))
+        fit(
+            model,
+            make_optimizer("sgd"),
+            (x, t),
+            None,
+            settings,
+            rng,
+            callbacks=[Trigger(), *checks],
+        )
+
+    expected = tracking.Terminated if sig == signal.SIGTERM else KeyboardInterrupt
+    with tracking.sigterm_as_interrupt():
+        train()  # nothing stops it: the exception was swallowed
+    assert seen[-1] == 20
+    seen.clear()
+    with pytest.raises(expected, match="swallowed"), tracking.sigterm_as_interrupt():
+        train(tracking.InterruptCheck())
+    assert seen[-1] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -167,6 +167,7 @@ def execute(
             )
         ]
         cbs.append(Progress(_total_iterations(cfg, len(splits.train)), enabled=progress))
+        cbs.append(tracking.InterruptCheck())  # a Ctrl-C swallowed on its way out stops it too
         cbs.extend(callbacks)
         trained = train(cfg, cbs, splits=splits, rng=rng)
         history = trained.history

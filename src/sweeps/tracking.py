@@ -58,22 +58,56 @@ class Terminated(KeyboardInterrupt):
     """Raised in the main thread on SIGTERM so the run can end as KILLED."""
 
 
+_received: list[int] = []  # signals turned into exceptions by sigterm_as_interrupt's handlers
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into a ``Terminated`` exception while the block runs."""
+    """Turn SIGTERM into a ``Terminated`` exception while the block runs; SIGINT raises
+    KeyboardInterrupt as by default. Both are also recorded, and ``raise_if_interrupted``
+    (``InterruptCheck``: after every batch) raises again one that was swallowed on its way
+    out: raised inside a finalizer (``__del__``, a weakref callback), an exception only
+    prints "Exception ignored in ..." and the run would train on."""
 
-    def handler(signum, frame):  # noqa: ARG001
+    def on_sigterm(signum, frame):  # noqa: ARG001
+        _received.append(signum)
         raise Terminated(f"received signal {signum}")
 
+    def on_sigint(signum, frame):
+        _received.append(signum)
+        signal.default_int_handler(signum, frame)
+
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
     except ValueError:  # not the main thread: leave signals alone
         yield
         return
+    previous_int = signal.getsignal(signal.SIGINT)
+    if previous_int is signal.default_int_handler:  # not a handler someone else chose
+        signal.signal(signal.SIGINT, on_sigint)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if previous_int is signal.default_int_handler:
+            signal.signal(signal.SIGINT, previous_int)
+        _received.clear()
+
+
+def raise_if_interrupted() -> None:
+    """Raise the interrupt (``Terminated`` for SIGTERM) of a signal received inside
+    ``sigterm_as_interrupt`` whose exception has not ended the block: one swallowed."""
+    if _received:
+        signum = _received[-1]
+        detail = f"received signal {signum}; its first exception was swallowed"
+        raise Terminated(detail) if signum == signal.SIGTERM else KeyboardInterrupt(detail)
+
+
+class InterruptCheck(Callback):
+    """``raise_if_interrupted`` after every batch (see ``sigterm_as_interrupt``)."""
+
+    def on_batch_end(self, iteration: int, loss: float) -> None:
+        raise_if_interrupted()
 
 
 @contextlib.contextmanager
