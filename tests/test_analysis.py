@@ -88,6 +88,13 @@ def test_setting_from_env(tmp_path):
     full = A.Setting.from_env({"SWEEPS_TRACKING_URI": uri, "SWEEPS_LAUNCH": "0"})
     assert not full.quick and full.data == "mnist" and full.tracking_uri == uri
     assert full.artifact_root == str(tmp_path / "artifacts") and not full.launch
+    # the URI is read as the store reads it (tracking.sqlite_path): query, in-memory
+    queried = A.Setting.from_env({"SWEEPS_TRACKING_URI": f"{uri}?timeout=60"})
+    assert queried.artifact_root == str(tmp_path / "artifacts")
+    assert A.study_storage(queried) == str(tmp_path / "optuna" / "journal.log")
+    assert A.Setting.from_env({"SWEEPS_TRACKING_URI": "sqlite:///:memory:"}).artifact_root == (
+        "mlruns/artifacts"
+    )
 
 
 def test_mean_band_uses_student_t_over_runs():

@@ -46,7 +46,7 @@ from sweeps.nn.functional import smooth_curve
 from sweeps.nn.init import Init
 from sweeps.nn.model import ACTIVATIONS
 from sweeps.optim import make_optimizer
-from sweeps.tracking import FAILURE_TAG
+from sweeps.tracking import FAILURE_TAG, sqlite_path
 from sweeps.train import DivergedError
 
 log = logging.getLogger(__name__)
@@ -102,8 +102,8 @@ class Setting:
         if uri:
             artifacts = env.get(ENV_ARTIFACT_ROOT)
             if artifacts is None:
-                local = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
-                artifacts = str(Path(local).parent / "artifacts") if local else "mlruns/artifacts"
+                local = sqlite_path(uri)
+                artifacts = str(local.parent / "artifacts") if local else "mlruns/artifacts"
         elif quick:  # a throwaway store, so a quick notebook never mixes with real runs
             tmp = Path(tempfile.mkdtemp(prefix="sweeps-quick-"))
             uri, artifacts = f"sqlite:///{tmp / 'mlflow.db'}", str(tmp / "artifacts")
@@ -686,9 +686,9 @@ def study_storage(setting: Setting) -> str:
     env = os.environ.get(ENV_OPTUNA_STORAGE)
     if env:
         return env
-    if setting.tracking_uri.startswith("sqlite:///"):
-        root = Path(setting.tracking_uri.removeprefix("sqlite:///")).parent
-        return str(root / "optuna" / "journal.log")
+    local = sqlite_path(setting.tracking_uri)
+    if local is not None:
+        return str(local.parent / "optuna" / "journal.log")
     return str(project_root() / "mlruns" / "optuna" / "journal.log")
 
 
