@@ -466,10 +466,12 @@ def test_config_yaml_writes_what_omegaconf_writes_and_reads_back_the_same(compos
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallow
+@pytest.mark.parametrize("where", ["batch", "epoch"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_an_interrupt_swallowed_by_a_finalizer_still_stops_training(sig):
+def test_an_interrupt_swallowed_by_a_finalizer_still_stops_training(sig, where):
     """A Ctrl-C (or SIGTERM) whose exception is raised inside a finalizer is only printed
-    ("Exception ignored in ..."); the recorded signal is raised again after the batch."""
+    ("Exception ignored in ..."); the recorded signal is raised again after the batch, or
+    after the epoch's evaluation when it landed there."""
     from sweeps.nn import mlp
     from sweeps.optim import make_optimizer
     from sweeps.train import TrainSettings, fit
@@ -487,8 +489,12 @@ def test_an_interrupt_swallowed_by_a_finalizer_still_stops_training(sig):
     class Trigger(Callback):
         def on_batch_end(self, iteration, loss):
             seen.append(iteration)
-            if iteration == 2:
+            if where == "batch" and iteration == 2:
                 Swallows()  # collected at once
+
+        def on_epoch_end(self, epoch, metrics, model):
+            if where == "epoch" and epoch == 1:
+                Swallows()
 
     def train(*checks):
         settings = TrainSettings(epochs=2, batch_size=20)
@@ -510,5 +516,5 @@ def test_an_interrupt_swallowed_by_a_finalizer_still_stops_training(sig):
     seen.clear()
     with pytest.raises(expected, match="swallowed"), tracking.sigterm_as_interrupt():
         train(tracking.InterruptCheck())
-    assert seen[-1] == 2
+    assert seen[-1] == (2 if where == "batch" else 10)  # 10 batches an epoch
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -104,9 +104,16 @@ def raise_if_interrupted() -> None:
 
 
 class InterruptCheck(Callback):
-    """``raise_if_interrupted`` after every batch (see ``sigterm_as_interrupt``)."""
+    """``raise_if_interrupted`` after every batch, every epoch's evaluation and training
+    (see ``sigterm_as_interrupt``)."""
 
     def on_batch_end(self, iteration: int, loss: float) -> None:
+        raise_if_interrupted()
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float], model) -> None:
+        raise_if_interrupted()
+
+    def on_train_end(self, history: History, model) -> None:
         raise_if_interrupted()
 
 
