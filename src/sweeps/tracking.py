@@ -537,9 +537,10 @@ class Run:
         write (about 20 ms against 3-14 ms for its 110k parameters)."""
         with tempfile.TemporaryDirectory() as tmp:
             file = Path(tmp) / Path(path).name
-            # allow_pickle is numpy's default, spelled out: otherwise mypy checks **arrays
-            # against that bool keyword. Numeric arrays are never pickled either way.
-            np.savez(file, allow_pickle=True, **arrays)
+            # allow_pickle spelled out (otherwise mypy checks **arrays against that bool
+            # keyword), and False: the weights are numeric, so nothing is ever pickled, and an
+            # object array would be refused rather than written as a pickle.
+            np.savez(file, allow_pickle=False, **arrays)
             self._log_file(file, path)
 
     def _log_file(self, file: Path, path: str) -> None:
