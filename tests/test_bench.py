@@ -97,3 +97,33 @@ def test_the_lean_loop_computes_the_trainers_gradients_and_adam_steps():
 def test_the_lean_loop_refuses_a_net_it_does_not_mirror(extra):
     with pytest.raises(ValueError, match="LeanMLP mirrors"):
         _mlp_and_lean(extra)
+
+
+def test_threads_limits_blas_inside_the_block_and_restores_it():
+    before = bench.blas_threads()
+    with bench.threads(1):
+        assert bench.blas_threads() == 1
+    assert bench.blas_threads() == before
+
+
+def test_a_pass_without_targets_reports_its_ratios_unscored():
+    n = 256
+    cfg = bench.compose(bench.MLP_OVERRIDES)
+    report = bench.Report()
+    bench._versus_torch(
+        report,
+        1,
+        "tiny MLP",
+        cfg,
+        bench.random_splits(n, (784,)),
+        target=None,
+        flops=bench.mlp_epoch_flops(n),
+        gemm_target=None,
+    )
+    assert report.ratios and all(r.met is None for r in report.ratios)
+    assert all(r.target.startswith("none") for r in report.ratios)
+    rows = [line for line in bench.format_report(report, []).splitlines() if "| tiny MLP" in line]
+    assert rows and not any(line.endswith(("| yes |", "| NO |")) for line in rows)
+    labels = {t.label for t in report.timings}
+    assert "tiny MLP: lean NumPy loop (LeanMLP), training iterations" in labels
+    assert any(note.startswith("GEMM rate next to tiny MLP:") for note in report.notes)
