@@ -266,3 +266,82 @@ def test_engine_imports_leave_hydra_mlflow_optuna_out():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+# -- run order: a ReLU before max pooling runs after it ---------------------------------------
+
+
+def _book_order_pass(model: Sequential, x: np.ndarray, t: np.ndarray):
+    """Loss, logits, input gradient and parameter gradients with every layer run in
+    ``model.layers``' own order (the book's), by hand."""
+    h = x
+    for layer in model.layers:
+        h = layer.forward(h, True)
+    loss = model.loss_layer.forward(h, t)
+    d = model.loss_layer.backward()
+    for layer in reversed(model.layers):
+        d = layer.backward(d)
+    return loss, h, d, model.flat_grads.copy()
+
+
+def _run_order_pass(model: Sequential, x: np.ndarray, t: np.ndarray):
+    loss = model.gradient(x, t)
+    out = model.out.copy()
+    d = model.loss_layer.backward()
+    for layer in reversed(model.run_order):
+        d = layer.backward(d)
+    return loss, out, d, model.flat_grads.copy()
+
+
+@pytest.mark.parametrize("pool", [(2, 2, 2, 0), (3, 3, 2, 1), (2, 2, 1, 0)])
+def test_max_pooling_runs_before_the_relu_with_the_same_values_and_gradients(pool):
+    r = rng(4)
+    # small integers: the convolution's outputs tie within windows and many are <= 0, the
+    # cases where the first maximum and the ReLU's zero gradient matter
+    W = r.integers(-2, 3, (3, 2, 3, 3)).astype(np.float64)
+    conv = L.Convolution(W, r.integers(-1, 2, 3).astype(np.float64))
+    pooling = L.MaxPooling(*pool)
+    x = r.integers(-1, 2, (5, 2, 9, 9)).astype(np.float64)
+    flat = 3 * (((7 + 2 * pool[3] - pool[0]) // pool[2] + 1) ** 2)
+    fc = L.Affine(r.standard_normal((flat, 4)), np.zeros(4))
+    model = Sequential(
+        [conv, L.ReLU(), pooling, L.Flatten(), fc], L.SoftmaxCrossEntropy(), (2, 9, 9), [1],
+        np.float64,
+    )  # fmt: skip
+    assert model.run_order[1:3] == [pooling, model.layers[1]]
+    t = r.integers(0, 4, 5)
+    conv_out = conv.forward(x)
+    windows_with_ties = (conv_out[:, :, :-1, :-1] == conv_out[:, :, 1:, 1:]).sum()
+    assert windows_with_ties > 10 and (conv_out <= 0).mean() > 0.2  # the cases are there
+    book = _book_order_pass(model, x, t)
+    fused = _run_order_pass(model, x, t)
+    assert fused[0] == book[0]
+    for a, b in zip(fused[1:], book[1:], strict=True):
+        np.testing.assert_array_equal(a, b)  # exactly (0.0 == -0.0)
+    assert np.abs(book[3]).max() > 0
+
+
+def test_run_order_leaves_other_layers_and_padded_pooling_alone():
+    r = rng(0)
+    conv = L.Convolution(r.standard_normal((2, 1, 3, 3)), np.zeros(2))
+    wide_pad = L.MaxPooling(2, 2, 2, pad=2)  # a window of padding alone: -inf
+    sigmoid_first = [conv, L.Sigmoid(), L.MaxPooling(2, 2, 2)]
+    for layers in (sigmoid_first, [conv, L.ReLU(), wide_pad]):
+        model = Sequential([*layers, L.Flatten()], L.MeanSquaredError(), (1, 8, 8))
+        assert model.run_order == model.layers
+
+
+def test_hidden_activations_still_see_the_relu_before_pooling():
+    model = simple_convnet(rng=rng(), input_shape=(1, 12, 12), filters=4)
+    assert [type(layer).__name__ for layer in model.run_order[:3]] == [
+        "Convolution", "MaxPooling", "ReLU",
+    ]  # fmt: skip
+    x = rng(1).random((3, 1, 12, 12), dtype=np.float32)
+    first = model.hidden_activations(x)[0]
+    assert first.shape == (3, 4, 8, 8) and first.min() == 0.0  # the full map, after ReLU
+    deep = deep_convnet(rng=rng())
+    assert [type(layer).__name__ for layer in deep.run_order].count("MaxPooling") == 3
+    assert all(
+        type(a).__name__ != "ReLU" or type(b).__name__ != "MaxPooling"
+        for a, b in zip(deep.run_order, deep.run_order[1:], strict=False)
+    )

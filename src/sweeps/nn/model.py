@@ -43,6 +43,7 @@ class Sequential:
         dtype=np.float32,
     ) -> None:
         self.layers = list(layers)
+        self.run_order = _run_order(self.layers)
         self.loss_layer = loss
         self.input_shape = tuple(input_shape)
         self.hidden = list(hidden)
@@ -98,7 +99,7 @@ class Sequential:
         """(N, *input_shape) -> (N, classes): the last layer's output (logits for softmax)."""
         self._check_input(x)
         x = x.astype(self.dtype, copy=False)
-        for layer in self.layers:
+        for layer in self.run_order:
             x = layer.forward(x, train)
         return x
 
@@ -110,10 +111,10 @@ class Sequential:
     def backward(self) -> None:
         """Fill ``grads`` from the last ``loss`` call."""
         dout = self.loss_layer.backward()
-        for layer in reversed(self.layers[1:]):
+        for layer in reversed(self.run_order[1:]):
             dout = layer.backward(dout)
         # The input is data: no gradient for it, which saves the first layer's dx product.
-        self.layers[0].backward_params(dout)
+        self.run_order[0].backward_params(dout)
 
     def gradient(self, x: np.ndarray, t: np.ndarray) -> float:
         """Loss (training mode) and backprop in one call; returns the loss."""
@@ -205,6 +206,28 @@ class Sequential:
     def __repr__(self) -> str:
         body = "\n".join(f"  {layer!r}" for layer in self.layers)
         return f"Sequential(input={self.input_shape}, params={self.flat_params.size}\n{body}\n)"
+
+
+def _run_order(layers: Sequence[L.Layer]) -> list[L.Layer]:
+    """The layers in the order ``forward`` and ``backward`` run them: a ReLU directly followed
+    by max pooling runs after the pooling. ReLU is monotone, so pooling first gives the same
+    output (the max of the ReLUs is the ReLU of the max) and the same gradient (where a
+    window's max is positive, its first maximum is the same element either way and ReLU passes
+    the gradient; where it is not, no gradient passes either way), and the ReLU works on the
+    pooled map: a quarter of the elements for 2x2 pooling, and none of its passes over the
+    convolution's output. Only the sign of a zero can differ (0.0 or -0.0). Pooling whose
+    padding could fill a whole window stays after the ReLU (its -inf would become NaN). The
+    layers keep their book order in ``layers``, which ``hidden_activations`` walks."""
+    order = list(layers)
+    for i in range(len(order) - 1):
+        relu, pool = order[i], order[i + 1]
+        if (
+            type(relu) is L.ReLU
+            and type(pool) is L.MaxPooling
+            and pool.pad < min(pool.pool_h, pool.pool_w)
+        ):
+            order[i], order[i + 1] = pool, relu
+    return order
 
 
 # -- builders ---------------------------------------------------------------------------
