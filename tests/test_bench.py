@@ -45,8 +45,13 @@ def test_the_search_section_runs_every_contender_and_reports_its_rows():
         "Search, untracked: trials per minute, 2 workers / 1 worker",
         "Search, tracked: trials per minute, 2 workers / 1 worker",
         "Search, tracked, 1 worker: seconds per trial / the book's own loop (same repeat)",
+        "Search, 1 worker: MLflow calls per tracked trial (timed inside the trials: the drift "
+        "between studies is not in it) / an untracked trial (same repeat)",
     }
     assert all(len(r.values) == 1 and math.isfinite(r.values[0]) for r in ratios.values())
+    inside = [r for label, r in ratios.items() if "MLflow calls per tracked trial" in label]
+    assert inside[0].values[0] > 0  # the tracked study's trials made MLflow calls
+    assert any(note.startswith("Search: MLflow calls per tracked trial") for note in report.notes)
     text = bench.format_report(report, ["header"])
     assert "| Search, 1 worker: tracking cost per trial" in text and "<= 10%" in text
     assert "search" in bench.SECTIONS
@@ -127,3 +132,29 @@ def test_a_pass_without_targets_reports_its_ratios_unscored():
     labels = {t.label for t in report.timings}
     assert "tiny MLP: lean NumPy loop (LeanMLP), training iterations" in labels
     assert any(note.startswith("GEMM rate next to tiny MLP:") for note in report.notes)
+
+
+def test_the_trial_clock_counts_outermost_mlflow_calls_inside_trials(monkeypatch):
+    ticks = iter(range(1000))
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: float(next(ticks)))
+    clock = bench.TrialClock()
+    call = clock._call(lambda: None)
+    nested = clock._call(lambda: call())  # an MLflow method calling another
+    call()  # outside a trial: not counted
+    assert clock.seconds == 0
+    clock._trial(lambda: (call(), nested()))()
+    assert clock.trials == 1 and clock.seconds == 2  # one tick each, the inner call not again
+    assert clock.per_trial == 2
+
+
+def test_the_trial_clock_wraps_mlflow_and_the_search_only_while_installed():
+    from mlflow import MlflowClient
+
+    from sweeps import search as S
+
+    before = (MlflowClient.create_run, MlflowClient.log_batch, S.Search.run_trial)
+    with bench.TrialClock().installed():
+        assert MlflowClient.create_run.__wrapped__ is before[0]
+        assert MlflowClient.log_batch.__wrapped__ is before[1]
+        assert S.Search.run_trial.__wrapped__ is before[2]
+    assert (MlflowClient.create_run, MlflowClient.log_batch, S.Search.run_trial) == before
