@@ -268,8 +268,10 @@ def time_torch(torch, cfg: RunConfig, splits: D.Splits) -> float:
     """One epoch of PyTorch eager training: same weights, data, batch order and Adam
     hyperparameters as ``time_sweeps``; the loss is read back every batch as sweeps does.
     Adam is PyTorch's fused implementation (``fused=True``), its fastest on the CPU: for the
-    MLP here 1.47 s an epoch against 2.00 s with the default (per-parameter loop) and 1.88 s
-    with ``foreach=True`` (median of 4 each, alternated)."""
+    MLP 1.47 s an epoch against 2.00 s with the default (per-parameter loop) and 1.88 s with
+    ``foreach=True`` on a machine whose OpenBLAS ran its Haswell kernel (median of 4 each,
+    alternated), 0.67 s against 0.90 s and 0.94 s on one with the SkylakeX kernel (median of
+    5)."""
     rng = np.random.default_rng(cfg.seed)
     net = torch_net(torch, build_model(cfg, rng, splits.train.x.shape[1:]))
     opt_cfg = cfg.optimizer
