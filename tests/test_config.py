@@ -485,6 +485,10 @@ def test_wrong_type_names_key_and_value(compose_cfg, override, detail):
         (["dtype=float16"], "unknown dtype 'float16'; choose from ['float32', 'float64']"),
         (["seed=-1"], "seed must be an integer >= 0, got -1"),
         (["mlflow.batch_loss_every=0"], "mlflow.batch_loss_every must be >= 1, got 0"),
+        (
+            ["mlflow.detail_metrics_every=-1"],
+            "mlflow.detail_metrics_every must be >= 0 (0: the last epoch only), got -1",
+        ),
     ],
 )
 def test_out_of_range_value_names_key_and_value(compose_cfg, overrides, message):

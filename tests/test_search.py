@@ -385,12 +385,24 @@ def test_lean_trials_keep_curves_and_history_and_the_best_test_run_records_every
     tmp_path, mlflow_store
 ):
     """trial_tracking=lean (the default): a trial's run has no figures or weights and its
-    detail metrics every 10th epoch and at the last, every epoch in history.csv; the
-    best-test retrain records as sweeps.run does. trial_tracking=full: trials do too."""
+    detail metrics at the last epoch only, every epoch in history.csv; its params, metrics
+    and tags go to the store in one request; the best-test retrain records as sweeps.run
+    does. trial_tracking=full: trials do too."""
     storage = str(tmp_path / "journal.log")
     base = tiny_args(storage, mlflow_store, study="lean", rounds=[(2, "random")], epochs=12)
     base = [a for a in base if not a.startswith(("mlflow.log_", "evaluate_best="))]
-    assert main(base) == 0
+    writes: list[tuple[str, str]] = []  # (method, run id)
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("log_batch", "set_tag", "log_param", "log_metric", "set_terminated"):
+            real = getattr(MlflowClient, name)
+            mp.setattr(
+                MlflowClient,
+                name,
+                lambda self, run_id, *a, _real=real, _name=name, **k: (
+                    writes.append((_name, run_id)) or _real(self, run_id, *a, **k)
+                ),
+            )
+        assert main(base) == 0
     # pruner=none: no per-epoch reports to the storage (a write each), the curves are in MLflow
     assert [t.intermediate_values for t in load_study(storage, "lean").trials] == [{}, {}]
     client = MlflowClient(mlflow_store["uri"])
@@ -402,8 +414,10 @@ def test_lean_trials_keep_curves_and_history_and_the_best_test_run_records_every
         rid = r.info.run_id
         assert _artifacts(client, rid) == {"config.yaml", "overrides.yaml", "history.csv"}
         assert _steps(client, rid, "val/acc") == list(range(1, 13))
-        assert _steps(client, rid, "act/1/dead") == [10, 12]
-        assert _steps(client, rid, "time/epoch") == [10, 12]
+        assert _steps(client, rid, "act/1/dead") == [12]
+        assert _steps(client, rid, "time/epoch") == [12]
+        assert r.data.tags["trial_state"] == "COMPLETE"
+        assert [w for w, run_id in writes if run_id == rid] == ["log_batch", "set_terminated"]
         history = client.download_artifacts(rid, "history.csv", str(tmp_path / rid))
         header, *rows = Path(history).read_text().splitlines()
         assert "act/1/dead" in header.split(",") and len(rows) == 12

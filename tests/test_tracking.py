@@ -261,12 +261,14 @@ def test_a_failed_run_keeps_the_artifacts_already_submitted(mlflow_store):
         run.submit("activations/init.png", late_figure, run)
         run.queue_metrics([("train/loss", 2.3, 1)])
         run.queue_tags({"data_digest": "abc"})
+        run.queue_params({"optimizer.lr": 0.01})
         raise RuntimeError("diverged")
     r = client.get_run(run.run_id)
     assert r.info.status == "FAILED"
     assert _artifacts(client, run.run_id) == {"activations/init.png"}
     assert r.data.metrics == {"train/loss": 2.3}  # buffered metrics are sent on failure too
     assert r.data.tags["data_digest"] == "abc"  # and queued tags
+    assert r.data.params == {"optimizer.lr": "0.01"}  # and queued params
 
 
 def test_queued_tags_go_with_the_metrics_and_uploads_need_no_run_lookup(mlflow_store, monkeypatch):
@@ -285,19 +287,44 @@ def test_queued_tags_go_with_the_metrics_and_uploads_need_no_run_lookup(mlflow_s
         run.log_text("x,y\n", "history.csv")
         run.log_bytes(b"\x89PNG", "activations/final.png")
         run.queue_tags({f"t{i}": i for i in range(150)})  # more than one log_batch takes
+        run.queue_params({f"p{i}": i for i in range(120)})  # so are these
         run.queue_metrics([("train/loss", 2.3, 1), ("train/loss", 2.1, 2)])
-    assert calls == ["log_batch", "log_batch"]  # 100 tags + the metrics, then 50 tags
+        run.queue_metrics([("train/acc", 0.1 * i, i) for i in range(900)])
+    # 100 params + 100 tags + 800 metrics (1000 entities a call), then the rest
+    assert calls == ["log_batch", "log_batch"]
     client = MlflowClient(mlflow_store["uri"])
     r = client.get_run(run.run_id)
     assert r.info.status == "FINISHED"
     assert {f"t{i}" for i in range(150)} <= set(r.data.tags) and r.data.tags["t149"] == "149"
+    assert r.data.params == {f"p{i}": str(i) for i in range(120)}
     assert [m.value for m in client.get_metric_history(run.run_id, "train/loss")] == [2.3, 2.1]
+    assert len(client.get_metric_history(run.run_id, "train/acc")) == 900
     assert _artifacts(client, run.run_id) == {
         "config.yaml",
         "sub/overrides.yaml",
         "history.csv",
         "activations/final.png",
     }
+
+
+def test_queued_params_reach_the_store_within_the_flush_interval_mid_epoch(
+    mlflow_store, monkeypatch
+):
+    """Params queued at the start go with the first metrics; in a long first epoch the
+    callback's batch-loss cadence sends them once METRICS_FLUSH_SECONDS have passed, while
+    the run is still RUNNING."""
+    client = MlflowClient(mlflow_store["uri"])
+    with _open(mlflow_store) as run:
+        run.queue_params({"optimizer.lr": 0.01})
+        cb = tracking.MlflowCallback(run, np.zeros((2, 3), np.float32), 10, False, False)
+        cb.on_batch_end(10, 2.3)
+        assert client.get_run(run.run_id).data.params == {}  # not due yet
+        monkeypatch.setattr(tracking, "METRICS_FLUSH_SECONDS", 0.0)
+        cb.on_batch_end(15, 2.2)  # not a batch-loss step: no check
+        assert client.get_run(run.run_id).data.params == {}
+        cb.on_batch_end(20, 2.1)
+        r = client.get_run(run.run_id)
+        assert r.info.status == "RUNNING" and r.data.params == {"optimizer.lr": "0.01"}
 
 
 def test_ctrl_c_ends_the_run_killed_without_waiting_for_the_background(mlflow_store):
@@ -375,6 +402,19 @@ def test_the_last_epochs_detail_metrics_are_sent_however_training_ends(mlflow_st
     assert [m.step for m in client.get_metric_history(ids[0], "val/acc")] == [1, 2, 3]
     for key in ("act/1/mean", "time/epoch", "iteration"):
         assert [m.step for m in client.get_metric_history(ids[0], key)] == [2, 3], key
+
+
+def test_detail_metrics_every_0_logs_the_last_epochs_only(mlflow_store, run_cfg):
+    cfg = run_cfg([*TINY, "trainer.epochs=3"])
+    rng = np.random.default_rng(cfg.seed)
+    splits = load_splits(cfg, rng)
+    with tracking.open_run(mlflow_store["uri"], "bg", mlflow_store["artifacts"]) as run:
+        cb = tracking.MlflowCallback(run, splits.val.x[:50], 1, False, False, "", 0)
+        train(cfg, [cb], splits=splits, rng=rng)
+    client = MlflowClient(mlflow_store["uri"])
+    assert [m.step for m in client.get_metric_history(run.run_id, "val/acc")] == [1, 2, 3]
+    for key in ("act/1/mean", "time/epoch", "iteration"):
+        assert [m.step for m in client.get_metric_history(run.run_id, key)] == [3], key
 
 
 def test_datasets_record_their_source_without_mlflow_context_providers(mlflow_store, monkeypatch):

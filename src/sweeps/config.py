@@ -366,8 +366,8 @@ class MlflowConf:
     ``artifact_root``. ``batch_loss_every``: log every k-th batch loss.
     ``detail_metrics_every``: log the detail metrics (the per-layer activation statistics
     ``act/<k>/...``, ``time/epoch``, ``time/step``, ``iteration``) every k-th epoch and at the
-    last one; the loss and accuracy curves go every epoch, and history.csv holds every
-    epoch's values of all."""
+    last one (0: at the last one only); the loss and accuracy curves go every epoch, and
+    history.csv holds every epoch's values of all."""
 
     enabled: bool = True
     tracking_uri: str = "sqlite:///mlruns/mlflow.db"
@@ -380,9 +380,13 @@ class MlflowConf:
     log_figures: bool = True
 
     def __post_init__(self) -> None:
-        for key in ("batch_loss_every", "detail_metrics_every"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"mlflow.{key} must be >= 1, got {getattr(self, key)!r}")
+        if self.batch_loss_every < 1:
+            raise ValueError(f"mlflow.batch_loss_every must be >= 1, got {self.batch_loss_every!r}")
+        if self.detail_metrics_every < 0:
+            raise ValueError(
+                "mlflow.detail_metrics_every must be >= 0 (0: the last epoch only), "
+                f"got {self.detail_metrics_every!r}"
+            )
 
 
 @dataclass

@@ -25,7 +25,7 @@ are recorded in the study: a rerun, or a larger N, trains only the missing ones.
 
 Each trial is an MLflow child run. ``trial_tracking=lean`` (the default) records its params,
 tags, loss and accuracy curves, config, overrides and history.csv, and the detail metrics
-(per-layer statistics, timings) every 10th epoch, with no figures and no weights;
+(per-layer statistics, timings) of the last epoch, with no figures and no weights;
 ``trial_tracking=full`` records every trial as ``sweeps.run`` does. The best-test runs always
 record everything.
 

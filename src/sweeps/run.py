@@ -108,10 +108,12 @@ def execute(
     callbacks: Sequence[Callback] = (),
     evaluate_test: bool = True,
     progress: bool = True,
+    end_tags: Mapping[str, Any] | None = None,
 ) -> Outcome:
     """Train one configuration and record it. ``resolved`` is the resolved config as plain
-    containers (for params and config.yaml). Exceptions propagate after the run is marked
-    FAILED or KILLED."""
+    containers (for params and config.yaml). ``end_tags`` are set with the last metrics when
+    training and evaluation succeed (a search trial's ``trial_state``). Exceptions propagate
+    after the run is marked FAILED or KILLED."""
     from sweeps.experiment import load_splits
 
     m = cfg.mlflow
@@ -140,7 +142,9 @@ def execute(
     # wrapped in its error: unwrapped inside the run, so it ends KILLED, not FAILED.
     with ctx as run, interrupts_unwrapped():
         if m.enabled:  # a NullRun drops them: not even built (12 ms a search trial)
-            run.log_params(tracking.flatten(resolved))
+            # with the first metrics: within METRICS_FLUSH_SECONDS, and one request for a
+            # run shorter than that (a search trial), not one of their own
+            run.queue_params(tracking.flatten(resolved))
             run.log_texts(
                 {
                     "config.yaml": tracking.config_yaml(resolved),
@@ -180,6 +184,7 @@ def execute(
             test = {"test/loss": loss, "test/acc": acc}
             run.log_metrics(test, step=int(history.last("epoch")))
         val_acc = history.last("val/acc") if splits.val is not None else None
+        run.queue_tags(end_tags or {})
         return Outcome(run.run_id, history, val_acc, test, tracking.ui_command(m.tracking_uri))
 
 

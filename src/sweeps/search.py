@@ -95,12 +95,12 @@ STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 #: draw, and its 1,050 detail metric rows (per-layer statistics, timings) about as much to
 #: store. "lean" trials keep the params, tags, the loss and accuracy curves every epoch,
 #: config, overrides and history.csv (every epoch's detail included), and the detail metrics
-#: every 10th epoch; the best-test retrains record everything, as ``sweeps.run`` does.
+#: at the last epoch only; the best-test retrains record everything, as ``sweeps.run`` does.
 TRIAL_TRACKING: dict[str, list[str]] = {
     "lean": [
         "mlflow.log_figures=false",
         "mlflow.log_model=false",
-        "mlflow.detail_metrics_every=10",
+        "mlflow.detail_metrics_every=0",
     ],
     "full": [],
 }
@@ -1529,6 +1529,9 @@ class Search:
                 callbacks=[Pruning(trial, self.space.metric)] if self.pruning else [],
                 evaluate_test=False,
                 progress=False,
+                # with the run's last metrics, not a request of its own; a value that turns
+                # out non-finite below replaces it with FAIL (_finish_run)
+                end_tags={"trial_state": "COMPLETE"},
             )
             value = outcome.history.last(self.space.metric)
             if not math.isfinite(value):
@@ -1560,8 +1563,6 @@ class Search:
                 beat.stop()
         if outcome.run_id:
             trial.set_user_attr(RUN_ID, outcome.run_id)
-            with contextlib.suppress(Exception):
-                self.client().set_tag(outcome.run_id, "trial_state", "COMPLETE")
         trial.set_user_attr(OUTCOME, "complete")
         self._tell(trial, values=value)
         return "complete"

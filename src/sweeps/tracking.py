@@ -397,6 +397,7 @@ class Run:
         self._background: Background | None = None
         self._metrics: list[tuple[str, float, int, int]] = []  # (key, value, ms, step) unsent
         self._tags: dict[str, str] = {}  # queued, unsent
+        self._params: dict[str, str] = {}  # queued, unsent
         self._held: list[tuple[str, float, int, int]] = []  # sent only at the end (hold_metrics)
         self._sent = time.monotonic()
 
@@ -446,11 +447,15 @@ class Run:
         self.log_metric_entities(batch)
 
     def queue_metrics(self, metrics: Iterable[tuple[str, float, int]]) -> None:
-        """Buffer (key, value, step) metrics, stamped now; send the buffer once
-        ``METRICS_FLUSH_SECONDS`` have passed since the last send. ``open_run`` sends what is
-        left whatever the outcome."""
+        """Buffer (key, value, step) metrics, stamped now; sent by ``flush_if_due``."""
         now = int(time.time() * 1000)
         self._metrics += [(k, float(v), now, step) for k, v, step in metrics]
+        self.flush_if_due()
+
+    def flush_if_due(self) -> None:
+        """Send what is queued (metrics, params, tags) once ``METRICS_FLUSH_SECONDS`` have
+        passed since the last send. ``open_run`` sends what is left whatever the outcome, so
+        a run shorter than that (a search trial of the book's protocol) makes one request."""
         if time.monotonic() - self._sent >= METRICS_FLUSH_SECONDS:
             self.flush_metrics()
 
@@ -466,45 +471,49 @@ class Run:
         own; ``open_run`` sends them whatever the outcome."""
         self._tags.update({k: str(v) for k, v in tags.items()})
 
+    def queue_params(self, params: Mapping[str, Any]) -> None:
+        """Log params with the next metrics sent, as ``queue_tags`` does tags: they reach the
+        store within ``METRICS_FLUSH_SECONDS`` (``MlflowCallback`` checks every
+        ``batch_loss_every`` steps) and at the end however the run ends."""
+        self._params.update({k: str(v)[:6000] for k, v in params.items()})
+
     def flush_metrics(self, final: bool = False) -> None:
-        """Send the buffered metrics and the queued tags; ``final``: the held metrics too."""
-        from mlflow.entities import Metric, RunTag
+        """Send the buffered metrics, queued params and tags; ``final``: the held metrics too."""
+        from mlflow.entities import Metric, Param, RunTag
 
         buffered, self._metrics = self._metrics, []
         if final:
             buffered, self._held = buffered + self._held, []
         tags, self._tags = [RunTag(k, v) for k, v in self._tags.items()], {}
+        params, self._params = [Param(k, v) for k, v in self._params.items()], {}
         self._sent = time.monotonic()
-        if buffered or tags:
-            self.log_metric_entities([Metric(*m) for m in buffered], tags)
+        if buffered or tags or params:
+            self._log_batch([Metric(*m) for m in buffered], params, tags)
 
     def log_metric_entities(self, batch: list, tags: Sequence = ()) -> None:
-        """log_batch calls within MLflow's limits (1000 metrics, 100 tags per call)."""
-        tags = list(tags)
-        for i in range(0, max(len(batch), 1), 1000):
-            now, tags = tags[:100], tags[100:]
+        """Log Metric entities (and RunTags) now."""
+        self._log_batch(batch, (), tags)
+
+    def _log_batch(self, metrics: Sequence, params: Sequence, tags: Sequence) -> None:
+        """As few log_batch calls as MLflow's limits allow (per call: 1000 metrics, 100
+        params, 100 tags, 1000 entities in all)."""
+        metrics, params, tags = list(metrics), list(params), list(tags)
+        while metrics or params or tags:
+            p, params = params[:100], params[100:]
+            t, tags = tags[:100], tags[100:]
+            m, metrics = metrics[: 1000 - len(p) - len(t)], metrics[1000 - len(p) - len(t) :]
             with signals_held():
-                self.client.log_batch(
-                    self.run_id, metrics=batch[i : i + 1000], tags=now, synchronous=True
-                )
-        if tags:
-            self.set_tags({t.key: t.value for t in tags})
+                self.client.log_batch(self.run_id, metrics=m, params=p, tags=t, synchronous=True)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):  # MLflow's limit per log_batch call
-            with signals_held():
-                self.client.log_batch(self.run_id, params=items[i : i + 100], synchronous=True)
+        self._log_batch((), [Param(k, str(v)[:6000]) for k, v in params.items()], ())
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        items = [RunTag(k, str(v)) for k, v in tags.items()]
-        for i in range(0, len(items), 100):
-            with signals_held():
-                self.client.log_batch(self.run_id, tags=items[i : i + 100], synchronous=True)
+        self._log_batch((), (), [RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_text(self, text: str, path: str) -> None:
         self.log_texts({path: text})
@@ -690,12 +699,13 @@ class MlflowCallback(Callback):
     Per iteration: ``train/batch_loss`` every ``batch_loss_every`` steps. Per epoch, with the
     epoch as step: the curves ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``; the
     detail (``DETAIL``: the per-layer activation statistics ``act/<layer>/<stat>``,
-    ``time/epoch``, ``time/step`` and ``iteration``) every ``detail_metrics_every`` epochs and
-    at the last one. Each value is a row in the store, and a row costs about 0.1 ms there: a
-    search trial of 50 epochs and 6 layers logged 1,050 detail rows, more than its training
-    took, where its history.csv holds them all anyway. All are
+    ``time/epoch``, ``time/step`` and ``iteration``) every ``detail_metrics_every`` epochs (0:
+    none but the last) and at the last one. Each value is a row in the store, and a row costs
+    about 0.1 ms there: a search trial of 50 epochs and 6 layers logged 1,050 detail rows,
+    more than its training took, where its history.csv holds them all anyway. All are
     buffered in the run (``Run.queue_metrics``) and sent in one request at most every
-    ``METRICS_FLUSH_SECONDS`` and at the end of training. At the start and the end: per-layer
+    ``METRICS_FLUSH_SECONDS`` and at the end of training (with the figures or weights being
+    drawn meanwhile) or of the run. At the start and the end: per-layer
     activation histograms on ``probe`` inputs; at the end: the learning-curve figure and the
     parameters as .npz.
 
@@ -738,12 +748,13 @@ class MlflowCallback(Callback):
     def on_batch_end(self, iteration: int, loss: float) -> None:
         if iteration % self.every == 0:
             self._pending.append((iteration, loss))
+            self.run.flush_if_due()  # the params queued at the start, in a long first epoch
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float], model) -> None:
         batch = [("train/batch_loss", v, it) for it, v in self._pending]
         detail = [(k, v, epoch) for k, v in metrics.items() if is_detail(k)]
         batch += [(k, v, epoch) for k, v in metrics.items() if k != "epoch" and not is_detail(k)]
-        if epoch % self.detail_every == 0:
+        if self.detail_every and epoch % self.detail_every == 0:
             batch += detail
             detail = []
         # an epoch whose detail is not due: sent if it is the last one, however training ends
@@ -767,8 +778,11 @@ class MlflowCallback(Callback):
         if self.log_model:
             path = "model/params.npz"
             self.run.submit(path, self.run.log_npz, model.state_dict(), path)
-        # after submitting: the store write overlaps the drawing; the last epoch's detail too
-        self.run.flush_metrics(final=True)
+        if self.log_figures or self.log_model:
+            # after submitting: the store write overlaps the drawing; the last epoch's detail
+            # too. Nothing drawn: all goes when the run ends, with what its caller queued after
+            # training (a search trial's trial_state), in one request (open_run).
+            self.run.flush_metrics(final=True)
 
     def _histograms(self, model, path: str, when: str) -> futures.Future | None:
         acts = model.hidden_activations(self.probe)  # copies: training may go on meanwhile
