@@ -182,7 +182,8 @@ def execute(
                 splits.test.x, splits.test.t, cfg.trainer.eval_batch_size
             )
             test = {"test/loss": loss, "test/acc": acc}
-            run.log_metrics(test, step=int(history.last("epoch")))
+            step = int(history.last("epoch"))
+            run.queue_metrics([(k, v, step) for k, v in test.items()])  # sent as the run ends
         val_acc = history.last("val/acc") if splits.val is not None else None
         run.queue_tags(end_tags or {})
         return Outcome(run.run_id, history, val_acc, test, tracking.ui_command(m.tracking_uri))
