@@ -18,10 +18,16 @@ def _trial(start: float, end: float):
     )
 
 
-def test_a_workers_rate_leaves_out_its_cold_first_trial():
+def test_a_workers_rate_leaves_out_the_cold_first_trials():
     trials = [_trial(7.0, 9.0), _trial(0.0, 5.0), _trial(5.0, 7.0)]
     assert bench.worker_rate(trials) == (2, 4.0)  # from the end of the first to the last
     assert bench.worker_rate([_trial(1.0, 4.0)]) == (1, 3.0)  # its only trial: timed whole
+    # another worker's cold first trial ended at 6: this one's window starts at its 7
+    warm = trials[0].datetime_complete - timedelta(seconds=3)
+    assert bench.worker_rate(trials, warm) == (1, 2.0)
+    # no trial of this worker ends after another's at 8.5: the window from its first end
+    late = trials[0].datetime_complete - timedelta(seconds=0.5)
+    assert bench.worker_rate(trials, late) == (2, 4.0)
     study = bench.StudyTiming({0: (2, 4.0), 1: (3, 3.0)}, wall=10.0)
     assert study.per_trial == pytest.approx(1 / (0.5 + 1.0))
 
