@@ -385,9 +385,9 @@ def test_lean_trials_keep_curves_and_history_and_the_best_test_run_records_every
     tmp_path, mlflow_store
 ):
     """trial_tracking=lean (the default): a trial's run has no figures or weights and its
-    detail metrics at the last epoch only, every epoch in history.csv; its params, metrics
-    and tags go to the store in one request; the best-test retrain records as sweeps.run
-    does. trial_tracking=full: trials do too."""
+    detail metrics at the last epoch only, every epoch in history.csv; its params go to the
+    store at the start, its metrics and tags in one request at the end; the best-test
+    retrain records as sweeps.run does. trial_tracking=full: trials do too."""
     storage = str(tmp_path / "journal.log")
     base = tiny_args(storage, mlflow_store, study="lean", rounds=[(2, "random")], epochs=12)
     base = [a for a in base if not a.startswith(("mlflow.log_", "evaluate_best="))]
@@ -417,7 +417,11 @@ def test_lean_trials_keep_curves_and_history_and_the_best_test_run_records_every
         assert _steps(client, rid, "act/1/dead") == [12]
         assert _steps(client, rid, "time/epoch") == [12]
         assert r.data.tags["trial_state"] == "COMPLETE"
-        assert [w for w, run_id in writes if run_id == rid] == ["log_batch", "set_terminated"]
+        assert [w for w, run_id in writes if run_id == rid] == [
+            "log_batch",  # the params
+            "log_batch",  # the metrics and tags
+            "set_terminated",
+        ]
         history = client.download_artifacts(rid, "history.csv", str(tmp_path / rid))
         header, *rows = Path(history).read_text().splitlines()
         assert "act/1/dead" in header.split(",") and len(rows) == 12

@@ -261,14 +261,12 @@ def test_a_failed_run_keeps_the_artifacts_already_submitted(mlflow_store):
         run.submit("activations/init.png", late_figure, run)
         run.queue_metrics([("train/loss", 2.3, 1)])
         run.queue_tags({"data_digest": "abc"})
-        run.queue_params({"optimizer.lr": 0.01})
         raise RuntimeError("diverged")
     r = client.get_run(run.run_id)
     assert r.info.status == "FAILED"
     assert _artifacts(client, run.run_id) == {"activations/init.png"}
     assert r.data.metrics == {"train/loss": 2.3}  # buffered metrics are sent on failure too
     assert r.data.tags["data_digest"] == "abc"  # and queued tags
-    assert r.data.params == {"optimizer.lr": "0.01"}  # and queued params
 
 
 def test_queued_tags_go_with_the_metrics_and_uploads_need_no_run_lookup(mlflow_store, monkeypatch):
@@ -287,44 +285,25 @@ def test_queued_tags_go_with_the_metrics_and_uploads_need_no_run_lookup(mlflow_s
         run.log_text("x,y\n", "history.csv")
         run.log_bytes(b"\x89PNG", "activations/final.png")
         run.queue_tags({f"t{i}": i for i in range(150)})  # more than one log_batch takes
-        run.queue_params({f"p{i}": i for i in range(120)})  # so are these
         run.queue_metrics([("train/loss", 2.3, 1), ("train/loss", 2.1, 2)])
-        run.queue_metrics([("train/acc", 0.1 * i, i) for i in range(900)])
-    # 100 params + 100 tags + 800 metrics (1000 entities a call), then the rest
-    assert calls == ["log_batch", "log_batch"]
+        run.queue_metrics([("train/acc", 0.1 * i, i) for i in range(950)])
+        run.log_params({f"p{i}": i for i in range(120)})  # more than one log_batch takes
+    # the params: 100, then 20; at the end 100 tags + 900 metrics (1000 entities a call),
+    # then 50 tags + the other 50 metrics
+    assert calls == ["log_batch"] * 4
     client = MlflowClient(mlflow_store["uri"])
     r = client.get_run(run.run_id)
     assert r.info.status == "FINISHED"
     assert {f"t{i}" for i in range(150)} <= set(r.data.tags) and r.data.tags["t149"] == "149"
     assert r.data.params == {f"p{i}": str(i) for i in range(120)}
     assert [m.value for m in client.get_metric_history(run.run_id, "train/loss")] == [2.3, 2.1]
-    assert len(client.get_metric_history(run.run_id, "train/acc")) == 900
+    assert len(client.get_metric_history(run.run_id, "train/acc")) == 950
     assert _artifacts(client, run.run_id) == {
         "config.yaml",
         "sub/overrides.yaml",
         "history.csv",
         "activations/final.png",
     }
-
-
-def test_queued_params_reach_the_store_within_the_flush_interval_mid_epoch(
-    mlflow_store, monkeypatch
-):
-    """Params queued at the start go with the first metrics; in a long first epoch the
-    callback's batch-loss cadence sends them once METRICS_FLUSH_SECONDS have passed, while
-    the run is still RUNNING."""
-    client = MlflowClient(mlflow_store["uri"])
-    with _open(mlflow_store) as run:
-        run.queue_params({"optimizer.lr": 0.01})
-        cb = tracking.MlflowCallback(run, np.zeros((2, 3), np.float32), 10, False, False)
-        cb.on_batch_end(10, 2.3)
-        assert client.get_run(run.run_id).data.params == {}  # not due yet
-        monkeypatch.setattr(tracking, "METRICS_FLUSH_SECONDS", 0.0)
-        cb.on_batch_end(15, 2.2)  # not a batch-loss step: no check
-        assert client.get_run(run.run_id).data.params == {}
-        cb.on_batch_end(20, 2.1)
-        r = client.get_run(run.run_id)
-        assert r.info.status == "RUNNING" and r.data.params == {"optimizer.lr": "0.01"}
 
 
 def test_ctrl_c_ends_the_run_killed_without_waiting_for_the_background(mlflow_store):

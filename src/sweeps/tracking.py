@@ -397,7 +397,6 @@ class Run:
         self._background: Background | None = None
         self._metrics: list[tuple[str, float, int, int]] = []  # (key, value, ms, step) unsent
         self._tags: dict[str, str] = {}  # queued, unsent
-        self._params: dict[str, str] = {}  # queued, unsent
         self._held: list[tuple[str, float, int, int]] = []  # sent only at the end (hold_metrics)
         self._sent = time.monotonic()
 
@@ -453,8 +452,8 @@ class Run:
         self.flush_if_due()
 
     def flush_if_due(self) -> None:
-        """Send what is queued (metrics, params, tags) once ``METRICS_FLUSH_SECONDS`` have
-        passed since the last send. ``open_run`` sends what is left whatever the outcome, so
+        """Send what is queued (metrics, tags) once ``METRICS_FLUSH_SECONDS`` have passed
+        since the last send. ``open_run`` sends what is left whatever the outcome, so
         a run shorter than that (a search trial of the book's protocol) makes one request."""
         if time.monotonic() - self._sent >= METRICS_FLUSH_SECONDS:
             self.flush_metrics()
@@ -471,24 +470,17 @@ class Run:
         own; ``open_run`` sends them whatever the outcome."""
         self._tags.update({k: str(v) for k, v in tags.items()})
 
-    def queue_params(self, params: Mapping[str, Any]) -> None:
-        """Log params with the next metrics sent, as ``queue_tags`` does tags: they reach the
-        store within ``METRICS_FLUSH_SECONDS`` (``MlflowCallback`` checks every
-        ``batch_loss_every`` steps) and at the end however the run ends."""
-        self._params.update({k: str(v)[:6000] for k, v in params.items()})
-
     def flush_metrics(self, final: bool = False) -> None:
-        """Send the buffered metrics, queued params and tags; ``final``: the held metrics too."""
-        from mlflow.entities import Metric, Param, RunTag
+        """Send the buffered metrics and the queued tags; ``final``: the held metrics too."""
+        from mlflow.entities import Metric, RunTag
 
         buffered, self._metrics = self._metrics, []
         if final:
             buffered, self._held = buffered + self._held, []
         tags, self._tags = [RunTag(k, v) for k, v in self._tags.items()], {}
-        params, self._params = [Param(k, v) for k, v in self._params.items()], {}
         self._sent = time.monotonic()
-        if buffered or tags or params:
-            self._log_batch([Metric(*m) for m in buffered], params, tags)
+        if buffered or tags:
+            self._log_batch([Metric(*m) for m in buffered], (), tags)
 
     def log_metric_entities(self, batch: list, tags: Sequence = ()) -> None:
         """Log Metric entities (and RunTags) now."""
@@ -748,7 +740,6 @@ class MlflowCallback(Callback):
     def on_batch_end(self, iteration: int, loss: float) -> None:
         if iteration % self.every == 0:
             self._pending.append((iteration, loss))
-            self.run.flush_if_due()  # the params queued at the start, in a long first epoch
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float], model) -> None:
         batch = [("train/batch_loss", v, it) for it, v in self._pending]
