@@ -446,15 +446,11 @@ class Run:
         self.log_metric_entities(batch)
 
     def queue_metrics(self, metrics: Iterable[tuple[str, float, int]]) -> None:
-        """Buffer (key, value, step) metrics, stamped now; sent by ``flush_if_due``."""
+        """Buffer (key, value, step) metrics, stamped now; send the buffer once
+        ``METRICS_FLUSH_SECONDS`` have passed since the last send. ``open_run`` sends what is
+        left whatever the outcome, so a shorter run (a search trial) sends them all at once."""
         now = int(time.time() * 1000)
         self._metrics += [(k, float(v), now, step) for k, v, step in metrics]
-        self.flush_if_due()
-
-    def flush_if_due(self) -> None:
-        """Send what is queued (metrics, tags) once ``METRICS_FLUSH_SECONDS`` have passed
-        since the last send. ``open_run`` sends what is left whatever the outcome, so
-        a run shorter than that (a search trial of the book's protocol) makes one request."""
         if time.monotonic() - self._sent >= METRICS_FLUSH_SECONDS:
             self.flush_metrics()
 
