@@ -443,7 +443,7 @@ class Run:
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-        self.log_metric_entities(batch)
+        self._log_batch(batch, (), ())
 
     def queue_metrics(self, metrics: Iterable[tuple[str, float, int]]) -> None:
         """Buffer (key, value, step) metrics, stamped now; send the buffer once
@@ -478,10 +478,6 @@ class Run:
         if buffered or tags:
             self._log_batch([Metric(*m) for m in buffered], (), tags)
 
-    def log_metric_entities(self, batch: list, tags: Sequence = ()) -> None:
-        """Log Metric entities (and RunTags) now."""
-        self._log_batch(batch, (), tags)
-
     def _log_batch(self, metrics: Sequence, params: Sequence, tags: Sequence) -> None:
         """As few log_batch calls as MLflow's limits allow (per call: 1000 metrics, 100
         params, 100 tags, 1000 entities in all)."""
@@ -489,7 +485,8 @@ class Run:
         while metrics or params or tags:
             p, params = params[:100], params[100:]
             t, tags = tags[:100], tags[100:]
-            m, metrics = metrics[: 1000 - len(p) - len(t)], metrics[1000 - len(p) - len(t) :]
+            room = 1000 - len(p) - len(t)
+            m, metrics = metrics[:room], metrics[room:]
             with signals_held():
                 self.client.log_batch(self.run_id, metrics=m, params=p, tags=t, synchronous=True)
 
