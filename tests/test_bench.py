@@ -33,7 +33,11 @@ def test_a_workers_rate_leaves_out_the_cold_first_trials():
 
 
 @pytest.mark.slow
-def test_the_search_section_runs_every_contender_and_reports_its_rows():
+def test_the_search_section_runs_every_contender_and_reports_its_rows(monkeypatch):
+    from sweeps import writer
+
+    # these tiny studies end before a helper starts: wait for it, so that it writes
+    monkeypatch.setattr(writer, "WAIT_READY", True)
     report = bench.Report()
     tiny = ["trainer.epochs=2", "model.hidden_sizes=[8]"]
     bench.bench_search(report, repeats=1, trials=4, extra=tiny)
@@ -53,10 +57,14 @@ def test_the_search_section_runs_every_contender_and_reports_its_rows():
         "Search, tracked, 1 worker: seconds per trial / the book's own loop (same repeat)",
         "Search, 1 worker: MLflow calls per tracked trial (timed inside the trials: the drift "
         "between studies is not in it) / an untracked trial (same repeat)",
+        "Search, 1 worker: the writer process's store work per tracked trial (made while the "
+        "next trial trains, on another core) / an untracked trial (same repeat)",
     }
     assert all(len(r.values) == 1 and math.isfinite(r.values[0]) for r in ratios.values())
     inside = [r for label, r in ratios.items() if "MLflow calls per tracked trial" in label]
     assert inside[0].values[0] > 0  # the tracked study's trials made MLflow calls
+    helper = [r for label, r in ratios.items() if "writer process's store work" in label]
+    assert helper[0].values[0] > 0  # and handed writes to the writer process, which made them
     assert any(note.startswith("Search: MLflow calls per tracked trial") for note in report.notes)
     text = bench.format_report(report, ["header"])
     assert "| Search, 1 worker: tracking cost per trial" in text and "<= 10%" in text

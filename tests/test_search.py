@@ -28,7 +28,9 @@ from search_helpers import (
     wait_for,
 )
 from sweeps import search as S
+from sweeps import writer
 from sweeps.optuna_search import load_config, main, split_overrides
+from sweeps.writer import StoreWriter
 
 # -- narrowing (pure) -------------------------------------------------------------------------
 
@@ -228,6 +230,10 @@ def test_book_space_is_the_books_protocol():
         ),
         (["study_name=a b"], "study_name must match"),
         (["trial_tracking=fat"], "unknown trial_tracking 'fat'; choose from ['lean', 'full']"),
+        (
+            ["trial_writes=async"],
+            "unknown trial_writes 'async'; choose from ['process', 'inline']",
+        ),
     ],
 )
 def test_bad_search_configs_fail_with_a_clear_message(overrides, message):
@@ -391,7 +397,8 @@ def test_lean_trials_keep_curves_and_history_and_the_best_test_run_records_every
     storage = str(tmp_path / "journal.log")
     base = tiny_args(storage, mlflow_store, study="lean", rounds=[(2, "random")], epochs=12)
     base = [a for a in base if not a.startswith(("mlflow.log_", "evaluate_best="))]
-    writes: list[tuple[str, str]] = []  # (method, run id)
+    writes: list[tuple[str, str]] = []  # (method, run id), made in this process
+    deferred: list[tuple[str, str]] = []  # (request, run id), sent to the writer process
     with pytest.MonkeyPatch.context() as mp:
         for name in ("log_batch", "set_tag", "log_param", "log_metric", "set_terminated"):
             real = getattr(MlflowClient, name)
@@ -402,6 +409,15 @@ def test_lean_trials_keep_curves_and_history_and_the_best_test_run_records_every
                     writes.append((_name, run_id)) or _real(self, run_id, *a, **k)
                 ),
             )
+        mp.setattr(writer, "WAIT_READY", True)  # else the first trials write themselves
+        real_call = StoreWriter.call
+        mp.setattr(
+            StoreWriter,
+            "call",
+            lambda self, op, run_id, *a, **k: (
+                deferred.append((op, run_id)) or real_call(self, op, run_id, *a, **k)
+            ),
+        )
         assert main(base) == 0
     # pruner=none: no per-epoch reports to the storage (a write each), the curves are in MLflow
     assert [t.intermediate_values for t in load_study(storage, "lean").trials] == [{}, {}]
@@ -417,8 +433,11 @@ def test_lean_trials_keep_curves_and_history_and_the_best_test_run_records_every
         assert _steps(client, rid, "act/1/dead") == [12]
         assert _steps(client, rid, "time/epoch") == [12]
         assert r.data.tags["trial_state"] == "COMPLETE"
-        assert [w for w, run_id in writes if run_id == rid] == [
+        # trial_writes=process (the default): made by the worker's writer process, in order
+        assert [w for w, run_id in writes if run_id == rid] == []
+        assert [w for w, run_id in deferred if run_id == rid] == [
             "log_batch",  # the params
+            "log_inputs",
             "log_batch",  # the metrics and tags
             "set_terminated",
         ]
@@ -628,6 +647,46 @@ def test_stale_trials_of_dead_workers_are_failed_and_their_runs_killed(tmp_path,
     assert S.tally(trials).counted == 0  # their slots run again
     got = client.get_run(run.info.run_id)
     assert got.info.status == "KILLED" and got.data.tags["trial_state"] == "FAIL"
+
+
+def test_reconcile_leaves_a_just_finished_trials_run_to_its_writer(
+    tmp_path, mlflow_store, monkeypatch
+):
+    """trial_writes=process: a worker tells Optuna its trial's outcome once it has handed
+    the run's end to its writer process, which may make it a moment later. A launcher
+    reconciling meanwhile leaves that run alone; once RUN_END_GRACE has passed (the writer
+    died too), it ends it KILLED. A stale trial's run is ended at once."""
+    storage = str(tmp_path / "journal.log")
+    cfg = load_config(tiny_args(storage, mlflow_store, study="grace"))
+    search = S.Search(cfg)
+    search.check_spec()
+    parent = search.ensure_parent_run()
+    client = search.client()
+    runs = {}
+    for outcome in ("complete", "stale"):
+        trial = search.study.ask()
+        trial.set_user_attr(S.OUTCOME, outcome)
+        search.study.tell(
+            trial,
+            0.5 if outcome == "complete" else None,
+            state=TrialState.COMPLETE if outcome == "complete" else TrialState.FAIL,
+        )
+        runs[outcome] = client.create_run(
+            search._experiment_id,
+            tags={
+                "study": "grace",
+                "trial_number": str(trial.number),
+                "sweeps.role": "trial",
+                "mlflow.parentRunId": parent,
+            },
+        ).info.run_id
+    assert search.reconcile_runs() == 1
+    assert client.get_run(runs["stale"]).info.status == "KILLED"
+    assert client.get_run(runs["complete"]).info.status == "RUNNING"
+    monkeypatch.setattr(S, "RUN_END_GRACE", 0.0)
+    assert search.reconcile_runs() == 1
+    got = client.get_run(runs["complete"])
+    assert got.info.status == "KILLED" and got.data.tags["trial_state"] == "COMPLETE"
 
 
 # -- processes ---------------------------------------------------------------------------------

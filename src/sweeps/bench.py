@@ -783,6 +783,7 @@ class StudyTiming:
     spans: dict[int, tuple[int, float]]  # worker -> (trials, seconds)
     wall: float
     mlflow_per_trial: float | None = None  # seconds of MLflow calls a trial (TrialClock)
+    writer_per_trial: float | None = None  # seconds of the writer process's work a trial
 
     @property
     def per_trial(self) -> float:
@@ -792,16 +793,20 @@ class StudyTiming:
 
 class TrialClock:
     """Seconds a search's trials spend in MLflow calls, timed inside the trials: every
-    ``MlflowClient`` method and the artifact uploads of a local store, counted while
-    ``Search.run_trial`` runs, on its thread (its run's creation, params, inputs, metrics,
-    config texts, end and ``trial_state`` tag), in the outermost call only. The study's own
-    calls (its parent run, the report) are left out, and so is the work a tracked trial does
-    outside MLflow (its config text, history table, dataset digests): the MLflow part of a
-    trial's tracking cost, measured where the drift between studies is not. In this process
-    only: a study of one worker, whose launcher runs its trials itself."""
+    ``MlflowClient`` method, the requests handed to the worker's writer process
+    (``sweeps.writer.DeferredClient``: pickling and sending them) and the artifact uploads
+    of a local store, counted while ``Search.run_trial`` runs, on its thread (its run's
+    creation, params, inputs, metrics, config texts, end and ``trial_state`` tag), in the
+    outermost call only. The study's own calls (its parent run, the report) are left out,
+    and so is the work a tracked trial does outside MLflow (its config text, history table,
+    dataset digests): the MLflow part of a trial's tracking cost, measured where the drift
+    between studies is not. Also the seconds the writer process spent making the trials'
+    requests (``StoreWriter.seconds``, off the trials' path). In this process only: a study
+    of one worker, whose launcher runs its trials itself."""
 
     def __init__(self) -> None:
         self.seconds, self.trials = 0.0, 0
+        self.writer_seconds = 0.0
         self._local = threading.local()
 
     @contextlib.contextmanager
@@ -810,14 +815,20 @@ class TrialClock:
         from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 
         from sweeps import search as S
+        from sweeps import writer
 
         targets: list[tuple[type, str, Callable[[Any], Any]]] = [
-            (S.Search, "run_trial", self._trial)
+            (S.Search, "run_trial", self._trial),
+            (writer.StoreWriter, "close", self._writer_closed),
         ]
         targets += [
             (MlflowClient, name, self._call)
             for name, value in vars(MlflowClient).items()
             if inspect.isfunction(value) and not name.startswith("_")
+        ]
+        targets += [
+            (writer.DeferredClient, name, self._call)
+            for name in ("log_batch", "log_inputs", "set_terminated")
         ]
         targets += [
             (LocalArtifactRepository, name, self._call)
@@ -831,6 +842,16 @@ class TrialClock:
         finally:
             for owner, name, original in saved:
                 setattr(owner, name, original)
+
+    def _writer_closed(self, fn):
+        @functools.wraps(fn)
+        def close(writer, *args, **kwargs):
+            try:
+                return fn(writer, *args, **kwargs)
+            finally:
+                self.writer_seconds += writer.seconds
+
+        return close
 
     def _trial(self, fn):
         @functools.wraps(fn)
@@ -862,6 +883,10 @@ class TrialClock:
     @property
     def per_trial(self) -> float:
         return self.seconds / max(self.trials, 1)
+
+    @property
+    def writer_per_trial(self) -> float:
+        return self.writer_seconds / max(self.trials, 1)
 
 
 def worker_rate(trials, warm=None) -> tuple[int, float]:
@@ -974,7 +999,9 @@ def run_study(
     spans = {w: worker_rate(ts, warm) for w, ts in by_worker.items()}
     if clock.trials and clock.trials != trials:
         raise RuntimeError(f"timed {clock.trials} trials' MLflow calls, expected {trials}")
-    return StudyTiming(spans, wall, clock.per_trial if clock.trials else None)
+    if not clock.trials:
+        return StudyTiming(spans, wall)
+    return StudyTiming(spans, wall, clock.per_trial, clock.writer_per_trial)
 
 
 SEARCH_CONTENDERS = {  # name -> (workers, tracked)
@@ -1177,6 +1204,19 @@ def bench_search(
         )
         ms = ", ".join(f"{1000 * v:.0f}" for v in inside)
         report.notes.append(f"Search: MLflow calls per tracked trial, per repeat: {ms} ms")
+    helper = [s.writer_per_trial for s in res["tracked, 1 worker"]]
+    if all(v is not None for v in helper):
+        report.ratios.append(
+            Ratio(
+                "Search, 1 worker: the writer process's store work per tracked trial (made "
+                "while the next trial trains, on another core) / an untracked trial (same "
+                "repeat)",
+                [w / u for w, u in zip(helper, per_trial["untracked, 1 worker"], strict=True)],
+                "none: off the trial's path; the tracked/untracked rows hold its cost",
+                None,
+                percent=True,
+            )
+        )
     for kind in ("untracked", "tracked"):
         report.ratios.append(
             Ratio(

@@ -27,7 +27,9 @@ Each trial is an MLflow child run. ``trial_tracking=lean`` (the default) records
 tags, loss and accuracy curves, config, overrides and history.csv, and the detail metrics
 (per-layer statistics, timings) of the last epoch, with no figures and no weights;
 ``trial_tracking=full`` records every trial as ``sweeps.run`` does. The best-test runs always
-record everything.
+record everything. ``trial_writes=process`` (the default) has a helper process per worker
+write the trials' runs to the store while the next trial trains (``sweeps.writer``);
+``trial_writes=inline``: each trial writes its own.
 
 Hydra stops here: below, ``sweeps.search`` takes typed dataclasses.
 """

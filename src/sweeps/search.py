@@ -104,6 +104,10 @@ TRIAL_TRACKING: dict[str, list[str]] = {
     ],
     "full": [],
 }
+#: trial_writes: who makes a trial's MLflow store writes (params, metrics, tags, inputs, end).
+#: "process": a helper process per worker (``sweeps.writer``), while the next trial trains;
+#: "inline": the trial itself, before the next one starts.
+TRIAL_WRITES = ("process", "inline")
 
 # Trial user attrs written by this module.
 ROUND, OUTCOME, REASON = "round", "outcome", "fail_reason"
@@ -365,6 +369,7 @@ class SearchConfig:
     best_seeds: int = 1
     progress: bool = True
     trial_tracking: str = "lean"
+    trial_writes: str = "process"
     pruner: PrunerConf = field(default_factory=PrunerConf)
     trial: TrialConf = field(default_factory=TrialConf)
     mlflow: MlflowConf = field(default_factory=MlflowConf)
@@ -407,6 +412,10 @@ class SearchConfig:
             raise ValueError(
                 f"unknown trial_tracking {self.trial_tracking!r}; "
                 f"choose from {list(TRIAL_TRACKING)}"
+            )
+        if self.trial_writes not in TRIAL_WRITES:
+            raise ValueError(
+                f"unknown trial_writes {self.trial_writes!r}; choose from {list(TRIAL_WRITES)}"
             )
         for o in self.trial.overrides:
             _override_key(o)
@@ -1266,7 +1275,8 @@ class Search:
         from optuna.trial import TrialState
 
         client = self.client()
-        states = {t.number: t.state for t in self.study.get_trials(deepcopy=False)}
+        by_number = {t.number: t for t in self.study.get_trials(deepcopy=False)}
+        states = {n: t.state for n, t in by_number.items()}
         claim = self.study.user_attrs.get(BEST_TEST) or {}
         ended = 0
         try:
@@ -1282,7 +1292,11 @@ class Search:
                 ):
                     continue  # its launcher may still be evaluating
                 state = "-"
-            elif number is None or states.get(int(number)) in (TrialState.RUNNING, None):
+            elif (
+                number is None
+                or states.get(int(number)) in (TrialState.RUNNING, None)
+                or _end_on_its_way(by_number[int(number)])
+            ):
                 continue
             else:
                 state = states[int(number)].name
@@ -1571,6 +1585,9 @@ class Search:
         """Give a trial's (already ended) run its final status and ``trial_state`` tag."""
         if not self.tracking:
             return
+        from sweeps import writer
+
+        writer.drain_all()  # the run's end, sent to this worker's writer, is in the store
         number = trial.number
         try:
             for run in self._runs_of(number):
@@ -1603,19 +1620,30 @@ class Search:
 
     def work(self, parent_run_id: str | None, on_trial: Callable[[], None] | None = None) -> str:
         """Run trials until every round has its budget. Returns 'done'; raises SearchError
-        at the failure limit; KeyboardInterrupt propagates."""
-        while True:
-            res = self.reserve()
-            if isinstance(res, Done):
-                return "done"
-            if isinstance(res, Stop):
-                raise SearchError(res.reason)
-            if isinstance(res, Wait):
-                time.sleep(self.cfg.poll_interval)
-                continue
-            self.run_trial(res, parent_run_id)
-            if on_trial is not None:
-                on_trial()
+        at the failure limit; KeyboardInterrupt propagates. With ``trial_writes=process`` the
+        trials' store writes go through a helper process (``sweeps.writer``), which has made
+        them all when this returns or raises."""
+        with self.trial_writes():
+            while True:
+                res = self.reserve()
+                if isinstance(res, Done):
+                    return "done"
+                if isinstance(res, Stop):
+                    raise SearchError(res.reason)
+                if isinstance(res, Wait):
+                    time.sleep(self.cfg.poll_interval)
+                    continue
+                self.run_trial(res, parent_run_id)
+                if on_trial is not None:
+                    on_trial()
+
+    def trial_writes(self) -> contextlib.AbstractContextManager[Any]:
+        """Deferred store writes for this worker's trials (``trial_writes=process``)."""
+        if not self.tracking or self.cfg.trial_writes != "process":
+            return contextlib.nullcontext()
+        from sweeps import writer
+
+        return writer.deferred_writes(self.cfg.mlflow.tracking_uri)
 
     # -- results
 
@@ -1660,6 +1688,25 @@ class Search:
         return Report(
             self.name, self.space, rounds, ranked, tally(trials), self.is_complete(trials)
         )
+
+
+#: Seconds after its trial ended that a run may still be RUNNING because its worker's writer
+#: process (trial_writes=process) has not made its end yet; the writer is behind by a trial's
+#: writes at most, tens of milliseconds.
+RUN_END_GRACE = 60.0
+
+
+def _end_on_its_way(trial) -> bool:
+    """Whether a finished trial's run may be RUNNING only until its worker's writer process
+    makes the end its worker sent before telling Optuna the outcome (``reconcile_runs``
+    leaves it alone). A trial failed as stale has no such end coming."""
+    import datetime
+
+    if trial.user_attrs.get(OUTCOME) not in ("complete", "pruned", "failed", "interrupted"):
+        return False
+    ended = trial.datetime_complete
+    age = (datetime.datetime.now() - ended).total_seconds() if ended is not None else 0.0
+    return age < RUN_END_GRACE
 
 
 def _params_key(params: Mapping[str, Any]) -> str:

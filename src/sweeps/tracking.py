@@ -40,12 +40,13 @@ from typing import Any
 import numpy as np
 
 import sweeps
+from sweeps import writer
 from sweeps.locks import flock
 from sweeps.train import Callback, DivergedError, History
 
 log = logging.getLogger(__name__)
 
-FAILURE_TAG = "sweeps.failure"
+FAILURE_TAG = writer.FAILURE_TAG  # the reason a run ended FAILED or KILLED
 BACKGROUND_GRACE = 60.0  # seconds a failed run waits for its artifacts before it is ended
 METRICS_FLUSH_SECONDS = 5.0  # buffered metrics reach the store at least this often
 
@@ -378,15 +379,6 @@ class Background:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-DATASET_ATTEMPTS = 3  # log_inputs tries, when another process inserted the same dataset
-
-
-def _duplicate_key(e: Exception) -> bool:
-    """Whether a store error is a uniqueness violation (SQLite, PostgreSQL, MySQL wording)."""
-    text = str(e).lower()
-    return any(w in text for w in ("unique constraint", "uniqueviolation", "duplicate entry"))
-
-
 class Run:
     """An open MLflow run: thin helpers over MlflowClient for one run id."""
 
@@ -549,7 +541,6 @@ class Run:
         # setattr at import time, which mypy cannot see.
         from mlflow.data.numpy_dataset import from_numpy
         from mlflow.entities import DatasetInput, InputTag
-        from mlflow.exceptions import MlflowException
 
         source = dataset_source()
         inputs = [
@@ -561,20 +552,8 @@ class Run:
             )
             for x, t, name, digest, context in datasets
         ]
-        for attempt in range(DATASET_ATTEMPTS):
-            try:
-                with signals_held():
-                    self.client.log_inputs(self.run_id, inputs)
-                return
-            except MlflowException as e:
-                # The store records a dataset once per experiment: it looks it up, then
-                # inserts it. Two workers logging the same new dataset at once both find none
-                # and the second insert breaks the uniqueness constraint (seen with two
-                # workers' first trials on a tracking server). Its transaction was rolled
-                # back; again, the lookup finds the dataset.
-                if attempt + 1 == DATASET_ATTEMPTS or not _duplicate_key(e):
-                    raise
-                time.sleep(0.05 * (attempt + 1))
+        with signals_held():
+            writer.log_inputs(self.client, self.run_id, inputs)
 
     def end(self, status: str) -> None:
         with signals_held():
@@ -626,7 +605,10 @@ def open_run(
             mlrun = client.create_run(
                 exp_id, run_name=run_name, tags={k: str(v) for k, v in all_tags.items()}
             )
-            run = Run(client, mlrun.info.run_id, mlrun.info.artifact_uri)
+            # with deferred writes on (a search worker's), through its helper process
+            run = Run(
+                writer.deferred(client, tracking_uri), mlrun.info.run_id, mlrun.info.artifact_uri
+            )
         yield run
         run.flush_metrics(final=True)
         run.wait_background()

@@ -1,0 +1,318 @@
+"""A search worker's MLflow store writes, made by a helper process while it trains on.
+
+MLflow's SQL store spends about 40 ms of CPU on a lean search trial's writes (SQLAlchemy
+objects and its latest-metric bookkeeping for every row), 10-15% of a book-protocol trial.
+Made on a thread they hold the GIL against training (measured: no faster), so a search
+worker hands them to a helper process of its own (``python -m sweeps.writer``), which makes
+them in order while the worker's next trial trains. The trial still creates its run itself
+(it needs the run id) and uploads its config and history texts itself; its params,
+metrics, tags, dataset inputs and end status go to the helper (``DeferredClient``). The
+helper takes about 2.5 s to start; until then the trials write their runs themselves, so a
+short study does not wait for it.
+
+Nothing is lost and nothing is reordered: a request stays pending in the worker until the
+helper acknowledges it, and if the helper dies the worker makes the pending ones itself, in
+order, and every later one (``StoreWriter``). A store error in the helper is kept for its
+run: ending that run FINISHED ends it FAILED instead, with the error in ``sweeps.failure``
+(the worker logs it too). The helper ignores SIGINT, SIGTERM and SIGHUP, which a Ctrl-C, a
+stop or a closed terminal sends to the whole process group: it makes every request it was sent, then exits once its
+worker closes the connection or dies. It never ends a run by itself: a run whose worker
+died before ending it stays RUNNING until ``Search.reconcile_runs``, which knows its trial's
+state, ends it KILLED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from multiprocessing.connection import Connection
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+FAILURE_TAG = "sweeps.failure"  # the same tag as tracking.FAILURE_TAG (not imported: light)
+CLOSE_TIMEOUT = 600.0  # seconds a closing worker waits for its helper's last writes
+WAIT_READY = False  # deferred_writes waits for its helper to start (tests set it)
+
+
+def log_inputs(client, run_id: str, inputs: list, attempts: int = 3) -> None:
+    """``client.log_inputs``, tried again when another process inserted the same dataset."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            client.log_inputs(run_id, inputs)
+            return
+        except MlflowException as e:
+            # The store records a dataset once per experiment: it looks it up, then inserts
+            # it. Two workers logging the same new dataset at once both find none and the
+            # second insert breaks the uniqueness constraint (seen with two workers' first
+            # trials on a tracking server). Its transaction was rolled back; again, the
+            # lookup finds the dataset.
+            if not _duplicate_key(e):
+                raise
+            if attempt + 1 == attempts:  # every time: this run has these inputs already (a
+                return  # request made again after its writer died before answering)
+            time.sleep(0.05 * (attempt + 1))
+
+
+def _duplicate_key(e: Exception) -> bool:
+    """Whether a store error is a uniqueness violation (SQLite, PostgreSQL, MySQL wording)."""
+    text = str(e).lower()
+    return any(w in text for w in ("unique constraint", "uniqueviolation", "duplicate entry"))
+
+
+class Applier:
+    """Makes deferred requests on a client, remembering the runs a request failed for."""
+
+    def __init__(self, client) -> None:
+        self.client = client
+        self.failed: dict[str, str] = {}  # run id -> its first failed request
+
+    def apply(self, op: str, args: tuple, kwargs: Mapping[str, Any]) -> str | None:
+        """Make one request; its error as text, or None."""
+        run_id = args[0]
+        try:
+            if op == "log_inputs":
+                log_inputs(self.client, *args, **kwargs)
+            elif op == "set_terminated":
+                status, end_time = args[1], args[2]
+                if status == "FINISHED" and run_id in self.failed:
+                    reason = f"could not record it: {self.failed[run_id]}"
+                    self.client.set_tag(run_id, FAILURE_TAG, reason[:5000])
+                    status = "FAILED"
+                self.client.set_terminated(run_id, status=status, end_time=end_time)
+                self.failed.pop(run_id, None)
+            elif op == "log_batch":
+                self.client.log_batch(*args, synchronous=True, **kwargs)
+            else:
+                raise ValueError(f"unknown request {op!r}")
+        except Exception as e:
+            error = f"{op}: {type(e).__name__}: {e}"
+            self.failed.setdefault(run_id, error)
+            return error
+        return None
+
+
+class StoreWriter:
+    """The worker's side: starts the helper, sends it requests, collects its answers.
+
+    The helper takes about 2.5 s to start (it imports MLflow and opens the store). Until it
+    says it is ready, and for a run that made a request before then, requests are made here
+    at once, as with ``trial_writes=inline``: a short study does not wait for it, and a run
+    is never split between two writers (its failed requests are known to the one that ends
+    it). ``wait_ready``: block until the helper is ready (tests)."""
+
+    def __init__(self, tracking_uri: str, wait_ready: bool = False) -> None:
+        self.tracking_uri = tracking_uri
+        ours, theirs = socket.socketpair()
+        with theirs:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "sweeps.writer", str(theirs.fileno()), tracking_uri],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+            )
+        self._conn = Connection(ours.detach())
+        self._pending: dict[int, tuple[str, tuple, dict]] = {}
+        self._sent = 0
+        self._ready = False  # the helper said it can write
+        self._gone = False  # the helper stopped: every request is made here
+        self._here: Applier | None = None  # makes the requests made here
+        self._local_runs: set[str] = set()  # runs with a request made here: all are
+        self.seconds = 0.0  # the helper's time in the store, summed over its requests
+        if wait_ready:
+            while not self._ready and not self._gone:
+                self._collect(None)
+
+    def call(self, op: str, *args: Any, **kwargs: Any) -> None:
+        """Have the store make ``op(*args, **kwargs)`` (see ``Applier.apply``)."""
+        if not self._ready and not self._gone:
+            self._collect(0.0)
+        if self._gone or not self._ready or args[0] in self._local_runs:
+            self._local_runs.add(args[0])
+            self._apply_here(op, args, kwargs)
+            return
+        self._sent += 1
+        self._pending[self._sent] = (op, args, kwargs)
+        try:
+            self._conn.send((self._sent, op, args, kwargs))
+        except OSError:
+            self._helper_gone()
+            return
+        self._collect(0.0)
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until the store has made every request sent so far (``timeout`` seconds at
+        most; None: no limit). True when it has."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._pending and not self._gone:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            self._collect(left)
+        return True
+
+    def close(self) -> None:
+        """Wait for the last writes (up to ``CLOSE_TIMEOUT``), then let the helper exit; a
+        helper still starting, which was sent nothing, is stopped. Interrupted meanwhile,
+        the helper still makes every request it was sent."""
+        try:
+            if not self._ready and not self._gone:
+                self.proc.kill()
+            elif not self.drain(CLOSE_TIMEOUT):
+                log.warning(
+                    "the MLflow writer (pid %d) has %d request(s) left after %.0f s; it goes on "
+                    "alone",
+                    self.proc.pid,
+                    len(self._pending),
+                    CLOSE_TIMEOUT,
+                )
+        finally:
+            self._conn.close()  # the helper exits at once (os._exit) once it has read the end
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5 if not self._pending else 0.1)
+
+    def _collect(self, timeout: float | None) -> None:
+        """Take the helper's messages that have arrived, waiting up to ``timeout`` seconds
+        (None: no limit) for the first: its answers, and that it is ready (number 0)."""
+        from sweeps.tracking import signals_held
+
+        try:
+            while self._conn.poll(timeout):  # a Ctrl-C may stop the wait
+                with signals_held():  # not the read: half a message would break the stream
+                    seq, error, seconds = self._conn.recv()
+                timeout = 0.0
+                if seq == 0:
+                    self._ready = True
+                    continue
+                op, args, _ = self._pending.pop(seq)
+                self.seconds += seconds
+                if error is not None:
+                    log.warning("MLflow run %s: the store refused %s", args[0], error)
+                if not self._pending:
+                    return
+        except (EOFError, OSError):
+            self._helper_gone()
+
+    def _helper_gone(self) -> None:
+        self._gone = True
+        if self._ready:
+            log.warning(
+                "the MLflow writer (pid %d) stopped (exit code %s) with %d request(s) "
+                "unanswered; this process makes them and the later ones itself",
+                self.proc.pid,
+                self.proc.poll(),
+                len(self._pending),
+            )
+        else:
+            log.warning("the MLflow writer (pid %d) did not start; writing here", self.proc.pid)
+        pending, self._pending = self._pending, {}
+        for op, args, kwargs in pending.values():  # in the order they were sent
+            self._apply_here(op, args, kwargs)
+
+    def _apply_here(self, op: str, args: tuple, kwargs: Mapping[str, Any]) -> None:
+        if self._here is None:
+            from sweeps.tracking import get_client
+
+            self._here = Applier(get_client(self.tracking_uri))
+        error = self._here.apply(op, args, kwargs)
+        if error is not None:
+            log.warning("MLflow run %s: the store refused %s", args[0], error)
+
+
+class DeferredClient:
+    """An ``MlflowClient`` whose run writes (``log_batch``, ``log_inputs``,
+    ``set_terminated``) go to a ``StoreWriter``; every other attribute is the client's."""
+
+    def __init__(self, client, writer: StoreWriter) -> None:
+        self._client = client
+        self._writer = writer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def log_batch(self, run_id, metrics=(), params=(), tags=(), synchronous=None) -> None:  # noqa: ARG002
+        self._writer.call("log_batch", run_id, list(metrics), list(params), list(tags))
+
+    def log_inputs(self, run_id, datasets=None) -> None:
+        self._writer.call("log_inputs", run_id, list(datasets or []))
+
+    def set_terminated(self, run_id, status=None, end_time=None) -> None:
+        end = end_time if end_time is not None else int(time.time() * 1000)  # now, not later
+        self._writer.call("set_terminated", run_id, status or "FINISHED", end)
+
+
+_writers: dict[str, StoreWriter] = {}  # tracking URI -> this process's open writer
+
+
+@contextlib.contextmanager
+def deferred_writes(tracking_uri: str) -> Iterator[StoreWriter]:
+    """While the block runs, runs opened on ``tracking_uri`` (``tracking.open_run``) make
+    their writes through a helper process; at its end, wait for them."""
+    if tracking_uri in _writers:
+        raise RuntimeError(f"deferred writes to {tracking_uri} are already on")
+    writer = StoreWriter(tracking_uri, wait_ready=WAIT_READY)
+    _writers[tracking_uri] = writer
+    try:
+        yield writer
+    finally:
+        del _writers[tracking_uri]
+        writer.close()
+
+
+def deferred(client, tracking_uri: str):
+    """``client``, or a ``DeferredClient`` over it while deferred writes to its store are on."""
+    writer = _writers.get(tracking_uri)
+    return client if writer is None else DeferredClient(client, writer)
+
+
+def drain_all(timeout: float | None = None) -> None:
+    """Wait for this process's deferred writes so far, before reading what they wrote."""
+    for writer in list(_writers.values()):
+        if not writer.drain(timeout):
+            log.warning("the MLflow writer (pid %d) is still busy", writer.proc.pid)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The helper: make each request received, in order, and answer it; stop at the end of
+    the connection (its worker closed it, or died)."""
+    argv = sys.argv[1:] if argv is None else argv
+    # A Ctrl-C, a stop or a closed terminal reaches the whole process group: the helper
+    # makes what it was sent, then ends with its connection.
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, signal.SIG_IGN)
+    conn = Connection(int(argv[0]))
+    from sweeps.tracking import get_client
+
+    applier = Applier(get_client(argv[1]))
+    answering = True
+    with contextlib.suppress(OSError):
+        conn.send((0, None, 0.0))  # ready
+    while True:
+        try:
+            seq, op, args, kwargs = conn.recv()
+        except (EOFError, OSError):
+            # Every request is made and committed; skip the interpreter's teardown (MLflow's
+            # exit handlers took 0.8 s, which a closing worker would wait for).
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+        start = time.perf_counter()
+        error = applier.apply(op, args, kwargs)
+        if answering:
+            try:
+                conn.send((seq, error, time.perf_counter() - start))
+            except OSError:  # the worker is gone: make what it sent, answer no more
+                answering = False
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    raise SystemExit(main())

@@ -1,0 +1,189 @@
+"""sweeps.writer: a search worker's MLflow writes made by a helper process, in order, with
+nothing lost when the helper dies, a store error ending the run FAILED, and the helper
+neither stopped by a Ctrl-C nor ending runs its worker left open."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+import children
+from sweeps import tracking, writer
+
+
+@pytest.fixture(autouse=True)
+def _helper_ready(monkeypatch):
+    """deferred_writes waits for its helper to start, so requests go to it."""
+    monkeypatch.setattr(writer, "WAIT_READY", True)
+
+
+def _open(store, **kw):
+    return tracking.open_run(store["uri"], "w", store["artifacts"], **kw)
+
+
+def _wait_gone(proc: subprocess.Popen, timeout: float = 60) -> None:
+    proc.wait(timeout=timeout)
+
+
+def test_a_runs_writes_go_through_the_helper_and_arrive_in_order(mlflow_store):
+    client = MlflowClient(mlflow_store["uri"])
+    with writer.deferred_writes(mlflow_store["uri"]) as w:
+        with _open(mlflow_store, tags={"t": 1}) as run:
+            assert isinstance(run.client, writer.DeferredClient)
+            run.log_params({"lr": 0.1})
+            for step in range(1, 4):
+                run.queue_metrics([("val/acc", 0.1 * step, step)])
+            run.queue_tags({"late": "yes"})
+            rid = run.run_id
+        # handed over, not necessarily made yet; made once drained
+        assert w.drain(timeout=120)
+        assert w.seconds > 0  # the helper's time in the store
+        helper = w.proc
+    _wait_gone(helper)  # the helper exits once its worker is done with it
+    r = client.get_run(rid)
+    assert r.info.status == "FINISHED" and r.info.end_time >= r.info.start_time
+    assert r.data.params == {"lr": "0.1"}
+    assert r.data.tags["late"] == "yes" and r.data.tags["t"] == "1"
+    assert [m.value for m in client.get_metric_history(rid, "val/acc")] == pytest.approx(
+        [0.1, 0.2, 0.3]
+    )
+
+
+def test_until_the_helper_is_ready_requests_are_made_here_and_it_is_stopped(
+    mlflow_store, monkeypatch
+):
+    """A study shorter than the helper's start (about 2.5 s) does not wait for it: its runs
+    write themselves, and the helper, sent nothing, is stopped at the end."""
+    monkeypatch.setattr(writer, "WAIT_READY", False)
+    client = MlflowClient(mlflow_store["uri"])
+    with writer.deferred_writes(mlflow_store["uri"]) as w:
+        with _open(mlflow_store) as run:
+            run.log_params({"lr": 0.1})
+            assert client.get_run(run.run_id).data.params == {"lr": "0.1"}  # made at once
+        assert not w._ready and not w._pending
+    assert w.proc.returncode is not None
+    assert client.get_run(run.run_id).info.status == "FINISHED"
+
+
+def test_outside_deferred_writes_a_run_writes_itself(mlflow_store):
+    with _open(mlflow_store) as run:
+        assert not isinstance(run.client, writer.DeferredClient)
+        run.log_params({"lr": 0.1})
+    assert MlflowClient(mlflow_store["uri"]).get_run(run.run_id).data.params == {"lr": "0.1"}
+
+
+def test_when_the_helper_dies_its_unanswered_requests_are_made_here(mlflow_store, caplog):
+    client = MlflowClient(mlflow_store["uri"])
+    with writer.deferred_writes(mlflow_store["uri"]) as w:
+        with _open(mlflow_store) as run:
+            os.kill(w.proc.pid, signal.SIGSTOP)  # these stay unanswered until it is killed
+            run.log_params({"a": 1})
+            run.queue_metrics([("m", 1.0, 1)])
+            run.flush_metrics()
+            assert w._pending
+            os.kill(w.proc.pid, signal.SIGKILL)
+            w.proc.wait()
+            run.queue_metrics([("m", 2.0, 2)])  # after its death: made here
+        assert w.drain(timeout=0)
+    assert "stopped" in caplog.text and "makes them" in caplog.text
+    r = client.get_run(run.run_id)
+    assert r.info.status == "FINISHED" and r.data.params == {"a": "1"}
+    assert [m.value for m in client.get_metric_history(run.run_id, "m")] == [1.0, 2.0]
+
+
+def test_a_store_error_in_the_helper_ends_the_run_failed_with_the_reason(mlflow_store, caplog):
+    client = MlflowClient(mlflow_store["uri"])
+    with writer.deferred_writes(mlflow_store["uri"]), _open(mlflow_store) as run:
+        run.log_params({"lr": 0.1})
+        run.log_params({"lr": 0.2})  # MLflow refuses to change a logged param
+        run.queue_metrics([("m", 1.0, 1)])
+    r = client.get_run(run.run_id)
+    assert r.info.status == "FAILED"
+    reason = r.data.tags[tracking.FAILURE_TAG]
+    assert reason.startswith("could not record it: log_batch:") and "lr" in reason
+    assert [m.value for m in client.get_metric_history(run.run_id, "m")] == [1.0]
+    assert "the store refused log_batch" in caplog.text
+
+
+def test_deferred_writes_cannot_nest_for_one_store(mlflow_store):
+    with (
+        writer.deferred_writes(mlflow_store["uri"]),
+        pytest.raises(RuntimeError, match="already on"),
+        writer.deferred_writes(mlflow_store["uri"]),
+    ):
+        pass
+
+
+WORKER = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    from sweeps import tracking, writer
+
+    uri, artifacts = sys.argv[1], sys.argv[2]
+    writer.WAIT_READY = True
+    with writer.deferred_writes(uri) as w:
+        with tracking.open_run(uri, "w", artifacts) as run:
+            run.log_params({"lr": 0.1})
+            run.queue_metrics([("m", float(i), i) for i in range(1, 301)])
+            run.flush_metrics()
+            print(w.proc.pid, run.run_id, flush=True)
+            if sys.argv[3] == "sigint":  # a Ctrl-C reaches the whole process group
+                os.killpg(os.getpgrp(), signal.SIGINT)
+            else:
+                os.kill(os.getpid(), signal.SIGKILL)  # the worker dies, its run open
+    """
+)
+
+
+@pytest.mark.parametrize("how", ["sigkill", "sigint"])
+def test_the_helper_makes_what_it_was_sent_and_leaves_an_open_run_to_reconcile(
+    mlflow_store, tmp_path, how
+):
+    """A killed worker: the helper makes every request it was sent, then exits, and the
+    run it never saw ended stays RUNNING (``Search.reconcile_runs`` ends it KILLED, knowing
+    its trial's state). A Ctrl-C to the process group: the helper ignores it; the worker
+    ends its run KILLED through it, and the KILLED end arrives."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    proc = children.popen(
+        [sys.executable, str(script), mlflow_store["uri"], mlflow_store["artifacts"], how],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, for the SIGINT case
+    )
+    assert proc.stdout is not None
+    helper_pid, run_id = proc.stdout.readline().split()
+    proc.wait(timeout=120)
+    deadline = time.monotonic() + 120
+    while _alive(int(helper_pid)):
+        assert time.monotonic() < deadline, "the helper did not exit"
+        time.sleep(0.1)
+    client = MlflowClient(mlflow_store["uri"])
+    r = client.get_run(run_id)
+    assert r.data.params == {"lr": "0.1"}
+    assert len(client.get_metric_history(run_id, "m")) == 300
+    if how == "sigkill":
+        assert r.info.status == "RUNNING"
+    else:
+        assert r.info.status == "KILLED"
+        assert r.data.tags[tracking.FAILURE_TAG].startswith("interrupted")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, not reaped by its dead parent yet) counts as gone
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
