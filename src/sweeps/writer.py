@@ -15,10 +15,10 @@ helper acknowledges it, and if the helper dies the worker makes the pending ones
 order, and every later one (``StoreWriter``). A store error in the helper is kept for its
 run: ending that run FINISHED ends it FAILED instead, with the error in ``sweeps.failure``
 (the worker logs it too). The helper ignores SIGINT, SIGTERM and SIGHUP, which a Ctrl-C, a
-stop or a closed terminal sends to the whole process group: it makes every request it was sent, then exits once its
-worker closes the connection or dies. It never ends a run by itself: a run whose worker
-died before ending it stays RUNNING until ``Search.reconcile_runs``, which knows its trial's
-state, ends it KILLED.
+stop or a closed terminal sends to the whole process group: it makes every request it was
+sent, then exits once its worker closes the connection or dies. It never ends a run by
+itself: a run whose worker died before ending it stays RUNNING until
+``Search.reconcile_runs``, which knows its trial's state, ends it KILLED.
 """
 
 from __future__ import annotations
