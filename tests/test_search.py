@@ -457,6 +457,42 @@ def test_lean_trials_keep_curves_and_history_and_the_best_test_run_records_every
             assert _steps(client, r.info.run_id, "act/1/dead") == list(range(1, 13))
 
 
+def test_one_worker_starts_its_trials_writer_before_it_opens_the_parent_run(tmp_path, mlflow_store):
+    """With one worker the launcher runs the trials; their writer process starts before the
+    launcher opens the store and the parent run, so that its start (about 2.5 s, importing
+    MLflow) overlaps that work rather than the first trials. The trials use that writer."""
+    storage = str(tmp_path / "journal.log")
+    events: list[str] = []
+    sent: list[int] = []  # pid of the writer each request went to
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(writer, "WAIT_READY", True)
+        real_init, real_call = StoreWriter.__init__, StoreWriter.call
+        real_parent = S.Search.ensure_parent_run
+
+        def init(self, *a, **k):
+            events.append("writer")
+            real_init(self, *a, **k)
+
+        def parent(self):
+            events.append("parent run")
+            return real_parent(self)
+
+        def call(self, *a, **k):
+            sent.append(self.proc.pid)
+            real_call(self, *a, **k)
+
+        mp.setattr(StoreWriter, "__init__", init)
+        mp.setattr(StoreWriter, "call", call)
+        mp.setattr(S.Search, "ensure_parent_run", parent)
+        assert main(tiny_args(storage, mlflow_store, study="early", rounds=[(2, "random")])) == 0
+    assert events == ["writer", "parent run"]
+    assert len(sent) == 8 and len(set(sent)) == 1  # 4 requests a trial, all to that writer
+    trials = [
+        r for r in mlflow_runs(mlflow_store, "early") if r.data.tags["sweeps.role"] == "trial"
+    ]
+    assert sorted(r.info.status for r in trials) == ["FINISHED", "FINISHED"]
+
+
 def test_pruning_prunes_trials_that_do_not_learn(tmp_path, mlflow_store):
     """Half the trials get an lr of 1e-9 (stuck at chance); the median pruner stops them
     after the first epoch once a learning trial has completed."""

@@ -112,6 +112,32 @@ def test_a_store_error_in_the_helper_ends_the_run_failed_with_the_reason(mlflow_
     assert "the store refused log_batch" in caplog.text
 
 
+def test_a_helper_started_early_is_the_one_deferred_writes_takes(mlflow_store):
+    """started_early starts the helper ahead (a launcher's setup overlaps its start); the
+    next deferred_writes of the block takes it, and closes it."""
+    client = MlflowClient(mlflow_store["uri"])
+    with writer.started_early(mlflow_store["uri"]):
+        early = writer._early[mlflow_store["uri"]]
+        with writer.started_early(mlflow_store["uri"]):  # a second one starts nothing
+            assert writer._early[mlflow_store["uri"]] is early
+        with writer.deferred_writes(mlflow_store["uri"]) as w:
+            assert w is early and w._ready  # WAIT_READY: waited for it
+            assert mlflow_store["uri"] not in writer._early
+            with _open(mlflow_store) as run:
+                run.log_params({"lr": 0.1})
+        _wait_gone(early.proc)
+    assert client.get_run(run.run_id).data.params == {"lr": "0.1"}
+    assert client.get_run(run.run_id).info.status == "FINISHED"
+
+
+def test_a_helper_started_early_and_never_taken_is_stopped(mlflow_store, monkeypatch):
+    monkeypatch.setattr(writer, "WAIT_READY", False)
+    with writer.started_early(mlflow_store["uri"]):
+        early = writer._early[mlflow_store["uri"]]
+    assert mlflow_store["uri"] not in writer._early
+    _wait_gone(early.proc, timeout=10)  # killed if still starting, else told to exit
+
+
 def test_deferred_writes_cannot_nest_for_one_store(mlflow_store):
     with (
         writer.deferred_writes(mlflow_store["uri"]),

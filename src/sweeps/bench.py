@@ -771,7 +771,7 @@ def bench_tracking(report: Report, repeats: int) -> None:
         report.notes.append(f"{long_name}: {long_repeats} repeats (of {repeats}), to save time")
 
 
-SEARCH_TRIALS = 14  # per study: 6-7 trials a worker, 4-6 of them timed in the steady state
+SEARCH_TRIALS = 24  # per study: 12 trials a worker, about 10 of them timed in the steady state
 BOOK_TRIAL_SECONDS = 0.65  # the book's own untracked search loop, per trial (issue #7)
 
 

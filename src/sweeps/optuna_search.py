@@ -225,10 +225,13 @@ def worker_main(cfg: S.SearchConfig) -> int:
         log.warning("the launcher is gone; worker %s stops", cfg.worker)
         return EXIT_INTERRUPTED
     search = S.Search(cfg, worker=cfg.worker or 0)
-    parent = search.parent_run_id()
-    with threadpool_limits(limits=blas_threads(cfg.n_workers)), tracking.sigterm_as_interrupt():
+    with (
+        search.trial_writer_started(),  # its start overlaps this process's opening the store
+        threadpool_limits(limits=blas_threads(cfg.n_workers)),
+        tracking.sigterm_as_interrupt(),
+    ):
         try:
-            search.work(parent)
+            search.work(search.parent_run_id())
         except S.SearchError as e:
             log.error("%s", e)
             return EXIT_FAILURES
@@ -533,6 +536,17 @@ def launch(cfg: S.SearchConfig, argv: Sequence[str]) -> int:
     search = S.Search(cfg)
     search.preflight()
     resumed = search.check_spec()
+    # One worker: the launcher runs the trials, and their writer process (trial_writes=process)
+    # starts now, importing MLflow while the launcher opens the store and the parent run.
+    early = search.trial_writer_started() if cfg.n_workers == 1 else contextlib.nullcontext()
+    with early:
+        return study_main(search, argv, start, resumed)
+
+
+def study_main(search: S.Search, argv: Sequence[str], start: float, resumed: bool) -> int:
+    """The study, once its config is checked: its parent run, the workers (or this process
+    with one), the report, the best-test retrains and the results on the parent run."""
+    cfg = search.cfg
     parent = search.ensure_parent_run()  # a local store is in WAL mode (tracking.get_client)
     with search.lock():
         search.fail_stale()

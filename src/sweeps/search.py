@@ -1645,6 +1645,15 @@ class Search:
 
         return writer.deferred_writes(self.cfg.mlflow.tracking_uri)
 
+    def trial_writer_started(self) -> contextlib.AbstractContextManager[Any]:
+        """Start the trials' writer process now, for ``work`` in this block to take: it
+        imports MLflow while this process sets up (``writer.started_early``)."""
+        if not self.tracking or self.cfg.trial_writes != "process":
+            return contextlib.nullcontext()
+        from sweeps import writer
+
+        return writer.started_early(self.cfg.mlflow.tracking_uri)
+
     # -- results
 
     def is_complete(self, trials=None) -> bool:
