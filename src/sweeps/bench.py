@@ -30,7 +30,7 @@ Sections (``SECTIONS``; each adds timings and ratios to one report):
   cost (opening it; the final histograms, learning curve and weights) against one epoch:
   reported, no target.
 * ``search``: the book's hyperparameter search protocol (conf/search/book.yaml, synthetic
-  MNIST-shaped data) as real Optuna studies of 14 random trials through
+  MNIST-shaped data) as real Optuna studies of 24 random trials through
   ``sweeps.optuna_search``'s ``load_config``/``launch``: untracked and tracked as the search
   tracks by default (``trial_tracking=lean``), with 1 and 2 workers, each study in a fresh
   storage and MLflow store, every worker on cores // 2 BLAS threads (1 on 2 cores); and the
