@@ -90,6 +90,39 @@ def test_processes_logging_the_same_new_dataset_at_once_all_succeed(tmp_path):
     assert names == sorted(f"d{i}" for i in range(8) for _ in range(2))
 
 
+HOLD_LOCK = """
+import fcntl, sys, time
+with open(sys.argv[1], "a+b") as fh:
+    fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_store_this_process_opened_is_not_held_up_by_another_process_opening_it(tmp_path):
+    """The store's init lock guards creating its tables; once this process has opened the
+    store, another process holding that lock (a search worker's writer process opening the
+    store) does not stop this one from getting its client."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.get_client(uri)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, f"{tmp_path / 'mlflow.db'}.init.lock"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    got: list[object] = []
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        opener = threading.Thread(target=lambda: got.append(tracking.get_client(uri)))
+        opener.start()
+        opener.join(timeout=120)  # it waits on the lock, held until the holder is killed
+        assert got, "get_client waited on the init lock of a store this process had opened"
+    finally:
+        holder.kill()
+        holder.wait()
+    got[0].search_experiments()  # type: ignore[attr-defined]
+
+
 def test_a_local_store_is_put_in_wal_mode_and_copies_keep_its_runs(tmp_path):
     import sqlite3
 
