@@ -68,6 +68,7 @@ def test_until_the_helper_is_ready_requests_are_made_here_and_it_is_stopped(
             run.log_params({"lr": 0.1})
             assert client.get_run(run.run_id).data.params == {"lr": "0.1"}  # made at once
         assert not w._ready and not w._pending
+        assert not w._local_runs  # its run ended: forgotten
     assert w.proc.returncode is not None
     assert client.get_run(run.run_id).info.status == "FINISHED"
 

@@ -140,8 +140,11 @@ class StoreWriter:
         if not self._ready and not self._gone:
             self._collect(0.0)
         if self._gone or not self._ready or args[0] in self._local_runs:
-            self._local_runs.add(args[0])
+            if not self._gone:  # once it is gone, every request is made here anyway
+                self._local_runs.add(args[0])
             self._apply_here(op, args, kwargs)
+            if op == "set_terminated":  # the run's last request: forget it
+                self._local_runs.discard(args[0])
             return
         self._sent += 1
         self._pending[self._sent] = (op, args, kwargs)
@@ -207,6 +210,7 @@ class StoreWriter:
 
     def _helper_gone(self) -> None:
         self._gone = True
+        self._local_runs.clear()
         if self._ready:
             log.warning(
                 "the MLflow writer (pid %d) stopped (exit code %s) with %d request(s) "
