@@ -797,8 +797,17 @@ def test_two_workers_share_the_exact_budget_without_duplicates(tmp_path, mlflow_
 @pytest.mark.slow
 def test_sigterm_stops_workers_cleanly_and_a_rerun_resumes(tmp_path, mlflow_store):
     storage = str(tmp_path / "journal.log")
+    # 60 epochs, as in the SIGKILL test: the signal has to land in a trial. With 8 it once
+    # landed between trials (full suite, loaded machine), and nothing was interrupted: the
+    # poll had seen a run still RUNNING whose trial had just ended (its writer process
+    # makes the run's end a moment after the trial is told).
     args = tiny_args(
-        storage, mlflow_store, study="term", rounds=[(6, "random")], epochs=8, extra=["n_workers=2"]
+        storage,
+        mlflow_store,
+        study="term",
+        rounds=[(6, "random")],
+        epochs=60,
+        extra=["n_workers=2"],
     )
     proc = spawn(args, tmp_path, tmp_path / "first.log")
     try:
