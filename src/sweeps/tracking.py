@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import getpass
+import importlib
 import io
 import logging
 import os
@@ -268,9 +269,10 @@ def get_client(tracking_uri: str):
         return MlflowClient(tracking_uri=tracking_uri)
     if db in _opened:
         return MlflowClient(tracking_uri=tracking_uri)
-    # The SQL store's modules take about 1 s to import: not while holding the lock.
-    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
-
+    # MLflow's SQL store takes about 1 s to import: not while holding the lock. (Were its
+    # module to move, MlflowClient below imports whatever it uses, under the lock.)
+    with contextlib.suppress(ImportError):
+        importlib.import_module("mlflow.store.tracking.sqlalchemy_store")
     with flock(Path(f"{db}.init.lock")):
         client = MlflowClient(tracking_uri=tracking_uri)  # builds (and caches) the store
         write_ahead_log(db)
