@@ -1639,20 +1639,22 @@ class Search:
 
     def trial_writes(self) -> contextlib.AbstractContextManager[Any]:
         """Deferred store writes for this worker's trials (``trial_writes=process``)."""
-        if not self.tracking or self.cfg.trial_writes != "process":
-            return contextlib.nullcontext()
         from sweeps import writer
 
-        return writer.deferred_writes(self.cfg.mlflow.tracking_uri)
+        return self._with_writer(writer.deferred_writes)
 
     def trial_writer_started(self) -> contextlib.AbstractContextManager[Any]:
         """Start the trials' writer process now, for ``work`` in this block to take: it
         imports MLflow while this process sets up (``writer.started_early``)."""
-        if not self.tracking or self.cfg.trial_writes != "process":
-            return contextlib.nullcontext()
         from sweeps import writer
 
-        return writer.started_early(self.cfg.mlflow.tracking_uri)
+        return self._with_writer(writer.started_early)
+
+    def _with_writer(self, manager) -> contextlib.AbstractContextManager[Any]:
+        """``manager(tracking URI)`` when trials hand their writes to a writer process."""
+        if not self.tracking or self.cfg.trial_writes != "process":
+            return contextlib.nullcontext()
+        return manager(self.cfg.mlflow.tracking_uri)
 
     # -- results
 

@@ -265,9 +265,9 @@ def get_client(tracking_uri: str):
 
     local_store_paths(tracking_uri)
     db = sqlite_path(tracking_uri)
-    if db is None:  # a server, another database, or SQLite in memory: no file to prepare
-        return MlflowClient(tracking_uri=tracking_uri)
-    if db in _opened:
+    # A server, another database or SQLite in memory has no file to prepare; a store this
+    # process opened before is ready.
+    if db is None or db in _opened:
         return MlflowClient(tracking_uri=tracking_uri)
     # MLflow's SQL store takes about 1 s to import: not while holding the lock. (Were its
     # module to move, MlflowClient below imports whatever it uses, under the lock.)

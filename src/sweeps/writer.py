@@ -37,7 +37,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-FAILURE_TAG = "sweeps.failure"  # the same tag as tracking.FAILURE_TAG (not imported: light)
+FAILURE_TAG = "sweeps.failure"  # why a run ended FAILED (tracking.FAILURE_TAG is this one)
 CLOSE_TIMEOUT = 600.0  # seconds a closing worker waits for its helper's last writes
 WAIT_READY = False  # deferred_writes waits for its helper to start (tests set it)
 
