@@ -566,6 +566,39 @@ def test_load_dataset(tmp_path: Path, fake: FakeMnist) -> None:
         data.load_dataset("cifar")
 
 
+def test_load_dataset_reuses_what_it_verified_until_a_cache_file_changes(
+    tmp_path: Path, fake: FakeMnist
+) -> None:
+    root = tmp_path / "c"
+    _fill_cache(root, fake)
+    train, test = data.load_dataset("mnist", root, sources=[])
+    again, _ = data.load_dataset("mnist", root, sources=[])
+    assert again is train  # verified once: a search worker's later trials reuse it
+    with pytest.raises(ValueError, match="read-only"):
+        train.x[0, 0] = 1.0  # shared by every caller: nobody may write into it
+    assert data.load_dataset("mnist", root, sources=[], flatten=False)[0].x.ndim == 4
+    fresh, _ = data.load_mnist(root, sources=[])
+    fresh.x[0, 0] = 1.0  # load_mnist's own arrays stay the caller's
+
+    path = root / TRAIN_IMAGES
+    buf = bytearray(path.read_bytes())
+    buf[100] ^= 0xFF
+    tmp = root / "replacement"
+    tmp.write_bytes(bytes(buf))
+    tmp.replace(path)  # another file now: verified again, and refused
+    with pytest.raises(MnistUnavailableError, match=rf"{TRAIN_IMAGES}.*sha256"):
+        data.load_dataset("mnist", root, sources=[])
+    _fill_cache(root, fake)
+    repaired, _ = data.load_dataset("mnist", root, sources=[])
+    assert repaired is not train
+    np.testing.assert_array_equal(repaired.x, train.x)
+
+    s1, _ = data.load_dataset("synthetic", n_train=40, n_test=20, seed=1)
+    assert data.load_dataset("synthetic", n_train=40, n_test=20, seed=1)[0] is s1
+    s2, _ = data.load_dataset("synthetic", n_train=40, n_test=20, seed=2)
+    assert s2 is not s1 and not np.array_equal(s2.x, s1.x)
+
+
 def test_dataset_validates_lengths() -> None:
     with pytest.raises(ValueError, match="disagree on N"):
         Dataset(np.zeros((3, 784)), np.zeros(2, np.int64))
