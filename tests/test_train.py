@@ -9,9 +9,17 @@ import pytest
 
 from sweeps.data import synthetic_mnist
 from sweeps.experiment import build_model, load_splits, train
-from sweeps.nn import mlp
+from sweeps.nn import mlp, simple_convnet
 from sweeps.optim import WeightDecay, make_optimizer
-from sweeps.train import Callback, DivergedError, TrainSettings, batches, fit
+from sweeps.train import (
+    ActivationStats,
+    Callback,
+    DivergedError,
+    TrainSettings,
+    activation_stats,
+    batches,
+    fit,
+)
 
 SMALL = ["model.hidden_sizes=[30]", "data.synthetic_train=300", "data.synthetic_test=50"]
 
@@ -214,3 +222,95 @@ def test_numerical_gradient_training_matches_backprop_first_step(run_cfg, dropou
     step_numerical = numerical.model.flat_params - init
     assert np.abs(step_backprop).max() > 1e-3
     np.testing.assert_allclose(step_numerical, step_backprop, rtol=0, atol=1e-8)
+
+
+# -- activation statistics ---------------------------------------------------------------------
+
+
+def reference_stats(model, x) -> dict[str, float]:
+    """The statistics computed directly, in float64, from a separate forward pass."""
+    out: dict[str, float] = {}
+    for i, (a, kind) in enumerate(
+        zip(model.hidden_activations(x), model.activation_names(), strict=True), 1
+    ):
+        a = a.astype(np.float64)
+        out[f"act/{i}/mean"], out[f"act/{i}/std"] = a.mean(), a.std()
+        if kind == "relu":
+            out[f"act/{i}/dead"] = np.mean(a == 0)
+        elif kind == "sigmoid":
+            out[f"act/{i}/saturated"] = np.mean((a < 0.05) | (a > 0.95))
+        else:
+            out[f"act/{i}/saturated"] = np.mean(np.abs(a) > 0.95)
+    return out
+
+
+def assert_stats_match(got: dict[str, float], want: dict[str, float]) -> None:
+    assert list(got) == list(want)
+    for key in want:
+        assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda r: mlp(784, [40, 30, 20], 10, rng=r, activation="relu"),
+        lambda r: mlp(784, [40, 30], 10, rng=r, activation="sigmoid", batchnorm=True),
+        lambda r: mlp(
+            784, [40, 30], 10, rng=r, activation="tanh", dropout=0.3, dropout_inverted=False
+        ),
+        # its run order is not the book's (ReLU after pooling); the watched pass's is
+        lambda r: simple_convnet(rng=r, input_shape=(1, 28, 28), filters=4, hidden_size=20),
+    ],
+    ids=["relu", "sigmoid-bn", "tanh-book-dropout", "cnn"],
+)
+def test_evaluation_pass_gives_the_activation_stats_of_its_first_rows(make):
+    model = make(np.random.default_rng(0))
+    train_set, _ = synthetic_mnist(130, 5, seed=1, flatten=model.input_shape == (784,))
+    x, t = train_set.x, train_set.t
+    want = reference_stats(model, x[:50])
+    for chunk in (16, 50, 1000):  # several chunks (one partial), exactly one, one larger
+        stats = ActivationStats(model)
+        loss, acc = model.evaluate(x, t, chunk, hidden_rows=50, on_hidden=stats.add)
+        assert (loss, acc) == model.evaluate(x, t, chunk)  # watching changes nothing
+        assert stats.count == [
+            50 * int(np.prod(a.shape[1:])) for a in model.hidden_activations(x[:1])
+        ]
+        assert_stats_match(stats.result(), want)
+    assert_stats_match(activation_stats(model, x[:50]), want)
+
+
+@pytest.mark.parametrize(
+    "val, eval_train_size, probe_size",
+    [(True, None, 30), (False, None, 30), (False, 20, 30)],
+    ids=["from-validation", "from-training-evaluation", "own-pass"],
+)
+def test_fit_records_the_probes_activation_stats(val, eval_train_size, probe_size):
+    train_set, val_set = synthetic_mnist(200, 60, seed=0)
+    rng = np.random.default_rng(0)
+    model = mlp(784, [30, 20], 10, rng=rng)
+    probe = (val_set.x if val else train_set.x)[:probe_size]
+    seen: list[tuple[dict, dict]] = []
+
+    class Check(Callback):
+        def on_epoch_end(self, epoch, metrics, model):
+            acts = {k: v for k, v in metrics.items() if k.startswith("act/")}
+            seen.append((acts, reference_stats(model, probe)))
+
+    fit(
+        model,
+        make_optimizer("sgd", lr=0.1),
+        (train_set.x, train_set.t),
+        (val_set.x, val_set.t) if val else None,
+        TrainSettings(
+            epochs=2,
+            batch_size=50,
+            eval_batch_size=16,
+            eval_train_size=eval_train_size,
+            probe_size=probe_size,
+        ),
+        rng,
+        callbacks=[Check()],
+    )
+    assert len(seen) == 2
+    for got, want in seen:
+        assert_stats_match(got, want)

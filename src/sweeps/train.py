@@ -105,23 +105,56 @@ def batches(
         yield order[i : i + batch_size]
 
 
-def activation_stats(model: Sequential, x: np.ndarray) -> dict[str, float]:
+class ActivationStats:
     """Mean, std and the dead (ReLU: exactly 0) or saturated (sigmoid: < 0.05 or > 0.95;
-    tanh: |a| > 0.95) fraction of each hidden activation layer's output on x."""
-    stats: dict[str, float] = {}
-    for i, (a, layer_index) in enumerate(
-        zip(model.hidden_activations(x), model.hidden, strict=True), 1
-    ):
-        layer = model.layers[layer_index]
-        stats[f"act/{i}/mean"] = float(a.mean())
-        stats[f"act/{i}/std"] = float(a.std())
-        if isinstance(layer, L.ReLU):
-            stats[f"act/{i}/dead"] = float(np.mean(a == 0))
-        elif isinstance(layer, L.Sigmoid):
-            stats[f"act/{i}/saturated"] = float(np.mean((a < 0.05) | (a > 0.95)))
+    tanh: |a| > 0.95) fraction of each hidden activation layer's output, over samples given
+    chunk by chunk (``add``, the signature of ``Sequential.evaluate``'s ``on_hidden``): each
+    chunk's mean and variance are merged into the running ones (Chan, Golub and LeVeque's
+    pairwise update), so no chunk is kept."""
+
+    def __init__(self, model: Sequential) -> None:
+        layers = [model.layers[i] for i in model.hidden]
+        self.kinds = ["dead" if isinstance(layer, L.ReLU) else "saturated" for layer in layers]
+        self._sigmoid = [isinstance(layer, L.Sigmoid) for layer in layers]
+        n = len(layers)
+        self.count, self.flagged = [0] * n, [0] * n
+        self.mean, self.m2 = [0.0] * n, [0.0] * n
+
+    def add(self, k: int, a: np.ndarray) -> None:
+        n = a.size
+        if n == 0:
+            return
+        mean, m2 = float(a.mean()), float(a.var()) * n
+        if self.kinds[k] == "dead":
+            flagged = n - int(np.count_nonzero(a))  # -0.0 counts as 0, as ``a == 0`` does
+        elif self._sigmoid[k]:
+            flagged = int(np.count_nonzero((a < 0.05) | (a > 0.95)))
         else:
-            stats[f"act/{i}/saturated"] = float(np.mean(np.abs(a) > 0.95))
-    return stats
+            flagged = int(np.count_nonzero(np.abs(a) > 0.95))
+        before = self.count[k]
+        total = before + n
+        delta = mean - self.mean[k]
+        self.mean[k] += delta * n / total
+        self.m2[k] += m2 + delta * delta * before * n / total
+        self.count[k], self.flagged[k] = total, self.flagged[k] + flagged
+
+    def result(self) -> dict[str, float]:
+        stats: dict[str, float] = {}
+        for k, kind in enumerate(self.kinds):
+            n = max(self.count[k], 1)
+            stats[f"act/{k + 1}/mean"] = self.mean[k]
+            stats[f"act/{k + 1}/std"] = math.sqrt(max(self.m2[k], 0.0) / n)
+            stats[f"act/{k + 1}/{kind}"] = self.flagged[k] / n
+        return stats
+
+
+def activation_stats(model: Sequential, x: np.ndarray) -> dict[str, float]:
+    """``ActivationStats`` of the hidden activations for x, from a forward pass of their own
+    (``fit`` takes them from its evaluation pass instead)."""
+    stats = ActivationStats(model)
+    for k, a in enumerate(model.hidden_activations(x)):
+        stats.add(k, a)
+    return stats.result()
 
 
 def fit(
@@ -179,14 +212,27 @@ def fit(
             "time/epoch": train_time,
             "time/step": train_time / max(iteration - first, 1),
         }
+        # The probe's activation statistics come from an evaluation pass over its samples:
+        # the validation split's, else the training split's when it covers them.
+        acts = ActivationStats(model)
+        from_train = val is None and n_eval >= len(probe)
         metrics["train/loss"], metrics["train/acc"] = model.evaluate(
-            x[:n_eval], t[:n_eval], settings.eval_batch_size
+            x[:n_eval],
+            t[:n_eval],
+            settings.eval_batch_size,
+            hidden_rows=len(probe) if from_train else 0,
+            on_hidden=acts.add,
         )
         if val is not None:
-            metrics["val/loss"], metrics["val/acc"] = model.evaluate(*val, settings.eval_batch_size)
+            metrics["val/loss"], metrics["val/acc"] = model.evaluate(
+                *val, settings.eval_batch_size, hidden_rows=len(probe), on_hidden=acts.add
+            )
         if not math.isfinite(metrics["train/loss"]):
             raise DivergedError(f"diverged at epoch {epoch}: training loss {metrics['train/loss']}")
-        metrics.update(activation_stats(model, probe))
+        if val is not None or from_train:
+            metrics.update(acts.result())
+        else:
+            metrics.update(activation_stats(model, probe))
         history.epochs.append(metrics)
         for cb in callbacks:
             cb.on_epoch_end(epoch, metrics, model)

@@ -8,7 +8,7 @@ one contiguous slice: the decayed weights come first in the buffer.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -47,6 +47,7 @@ class Sequential:
         self.loss_layer = loss
         self.input_shape = tuple(input_shape)
         self.hidden = list(hidden)
+        self._hidden_index = {i: k for k, i in enumerate(self.hidden)}
         self.dtype = np.dtype(dtype)
         self._sample_bytes: int | None = None  # see eval_chunk
         self._flatten_parameters()
@@ -140,14 +141,33 @@ class Sequential:
             self._sample_bytes = largest
         return max(1, min(batch_size, EVAL_CHUNK_BYTES // max(self._sample_bytes, 1)))
 
-    def evaluate(self, x: np.ndarray, t: np.ndarray, batch_size: int = 1000) -> tuple[float, float]:
+    def evaluate(
+        self,
+        x: np.ndarray,
+        t: np.ndarray,
+        batch_size: int = 1000,
+        *,
+        hidden_rows: int = 0,
+        on_hidden: Callable[[int, np.ndarray], object] | None = None,
+    ) -> tuple[float, float]:
         """Mean loss and accuracy in evaluation mode, in chunks of at most ``batch_size``
-        samples (``eval_chunk``) to bound memory."""
+        samples (``eval_chunk``) to bound memory.
+
+        ``on_hidden(k, a)``: called with the output ``a`` of the k-th hidden activation layer
+        (``hidden[k]``) for the first ``hidden_rows`` samples, chunk by chunk, right after the
+        layer made it and before the next layer reads it: the activations of these samples
+        come from the evaluation's own forward pass, not from another one
+        (``hidden_activations``). The chunks holding them run in the book's layer order (a
+        ReLU before its pooling, see ``_run_order``), which gives the same output."""
         batch_size = self.eval_chunk(batch_size)
         total_loss, correct = 0.0, 0
         for i in range(0, x.shape[0], batch_size):
             xb, tb = x[i : i + batch_size], t[i : i + batch_size]
-            out = self.forward(xb, train=False)
+            rows = min(hidden_rows - i, xb.shape[0])
+            if rows > 0 and on_hidden is not None:
+                out = self._forward_watched(xb, rows, on_hidden)
+            else:
+                out = self.forward(xb, train=False)
             total_loss += self.loss_layer.forward(out, tb) * xb.shape[0]
             correct += int(np.count_nonzero(out.argmax(axis=1) == tb))
         n = max(x.shape[0], 1)
@@ -162,6 +182,20 @@ class Sequential:
                 for i in range(0, len(x), batch_size)
             ]
         )
+
+    def _forward_watched(
+        self, x: np.ndarray, rows: int, on_hidden: Callable[[int, np.ndarray], object]
+    ) -> np.ndarray:
+        """``forward`` in evaluation mode and in the book's layer order, showing
+        ``on_hidden`` the first ``rows`` rows of each hidden activation layer's output."""
+        self._check_input(x)
+        h = x.astype(self.dtype, copy=False)
+        for i, layer in enumerate(self.layers):
+            h = layer.forward(h, False)
+            k = self._hidden_index.get(i)
+            if k is not None:
+                on_hidden(k, h[:rows])
+        return h
 
     def hidden_activations(self, x: np.ndarray) -> list[np.ndarray]:
         """Outputs of each hidden activation layer for x, in evaluation mode."""
