@@ -398,7 +398,8 @@ def test_lean_trials_keep_curves_and_history_and_the_best_test_run_records_every
     base = tiny_args(storage, mlflow_store, study="lean", rounds=[(2, "random")], epochs=12)
     base = [a for a in base if not a.startswith(("mlflow.log_", "evaluate_best="))]
     writes: list[tuple[str, str]] = []  # (method, run id), made in this process
-    deferred: list[tuple[str, str]] = []  # (request, run id), sent to the writer process
+    deferred: list[tuple[str, str]] = []  # (request, run token), sent to the writer process
+    ids: dict[str, str] = {}  # run token -> run id, as the writer process answered
     with pytest.MonkeyPatch.context() as mp:
         for name in ("log_batch", "set_tag", "log_param", "log_metric", "set_terminated"):
             real = getattr(MlflowClient, name)
@@ -418,6 +419,14 @@ def test_lean_trials_keep_curves_and_history_and_the_best_test_run_records_every
                 deferred.append((op, run_id)) or real_call(self, op, run_id, *a, **k)
             ),
         )
+        real_created = StoreWriter.created
+
+        def created(self, token):
+            run_id, uri = real_created(self, token)
+            ids[token] = run_id
+            return run_id, uri
+
+        mp.setattr(StoreWriter, "created", created)
         assert main(base) == 0
     # pruner=none: no per-epoch reports to the storage (a write each), the curves are in MLflow
     assert [t.intermediate_values for t in load_study(storage, "lean").trials] == [{}, {}]
@@ -433,11 +442,16 @@ def test_lean_trials_keep_curves_and_history_and_the_best_test_run_records_every
         assert _steps(client, rid, "act/1/dead") == [12]
         assert _steps(client, rid, "time/epoch") == [12]
         assert r.data.tags["trial_state"] == "COMPLETE"
-        # trial_writes=process (the default): made by the worker's writer process, in order
+        # trial_writes=process (the default): made by the worker's writer process, in order,
+        # the run's creation too
         assert [w for w, run_id in writes if run_id == rid] == []
-        assert [w for w, run_id in deferred if run_id == rid] == [
+        (token,) = [t for t, run_id in ids.items() if run_id == rid]
+        assert [w for w, ref in deferred if ref == token] == [
+            "create_run",
             "log_batch",  # the params
+            "log_texts",  # config.yaml, overrides.yaml
             "log_inputs",
+            "log_texts",  # history.csv
             "log_batch",  # the metrics and tags
             "set_terminated",
         ]
@@ -486,7 +500,7 @@ def test_one_worker_starts_its_trials_writer_before_it_opens_the_parent_run(tmp_
         mp.setattr(S.Search, "ensure_parent_run", parent)
         assert main(tiny_args(storage, mlflow_store, study="early", rounds=[(2, "random")])) == 0
     assert events == ["writer", "parent run"]
-    assert len(sent) == 8 and len(set(sent)) == 1  # 4 requests a trial, all to that writer
+    assert len(sent) == 14 and len(set(sent)) == 1  # 7 requests a trial, all to that writer
     trials = [
         r for r in mlflow_runs(mlflow_store, "early") if r.data.tags["sweeps.role"] == "trial"
     ]

@@ -56,6 +56,79 @@ def test_a_runs_writes_go_through_the_helper_and_arrive_in_order(mlflow_store):
     )
 
 
+def test_the_helper_creates_the_run_and_the_worker_learns_its_id_when_it_needs_it(
+    mlflow_store, monkeypatch
+):
+    """The worker never calls the store to create its run (the helper may be holding the
+    store's lock while it writes the previous trial): it names the run by a token, and
+    learns the id and artifact URI from the helper's answer."""
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the worker created a run itself")
+
+    monkeypatch.setattr(MlflowClient, "create_run", refused)  # this process only
+    before = int(time.time() * 1000)
+    with writer.deferred_writes(mlflow_store["uri"]):
+        with _open(mlflow_store, run_name="r1", tags={"t": 1}) as run:
+            assert run.ref.startswith(writer.TOKEN)
+            run.log_params({"lr": 0.1})
+            run.log_text("hello", "notes/a.txt")  # by the helper, which knows where
+            # a background job (figures): the id is resolved first, on this thread
+            run.submit("notes/b.bin", run.log_bytes, b"xyz", "notes/b.bin")
+            rid = run.run_id
+            assert not rid.startswith(writer.TOKEN)
+        assert run.run_id == rid  # still known once the writer forgot the token
+    client = tracking.get_client(mlflow_store["uri"])
+    r = client.get_run(rid)
+    assert r.info.run_name == "r1" and r.data.tags["t"] == "1"
+    assert r.info.status == "FINISHED" and r.data.params == {"lr": "0.1"}
+    assert before <= r.info.start_time <= r.info.end_time  # stamped when asked, not made
+    assert [f.path for f in client.list_artifacts(rid, "notes")] == ["notes/a.txt", "notes/b.bin"]
+
+
+def test_a_run_the_store_refused_to_create_fails_its_block_with_the_reason(mlflow_store, caplog):
+    with writer.deferred_writes(mlflow_store["uri"]) as w:
+        client = writer.DeferredClient(tracking.get_client(mlflow_store["uri"]), w)
+        token = client.create_run("424242", tags={}, run_name="nowhere")  # no such experiment
+        client.log_batch(token, tags=[])
+        with pytest.raises(RuntimeError, match="could not create the MLflow run: create_run:"):
+            client.created_run(token)
+        assert w.drain(timeout=120)
+    assert "was not created" in caplog.text  # its later request: refused, and said so
+
+
+def test_a_run_created_while_the_helper_hangs_is_made_here_when_it_dies(mlflow_store, caplog):
+    with writer.deferred_writes(mlflow_store["uri"]) as w:
+        os.kill(w.proc.pid, signal.SIGSTOP)
+        with _open(mlflow_store) as run:
+            run.log_params({"a": 1})
+            run.log_text("x", "a.txt")
+            assert run.ref.startswith(writer.TOKEN) and w._pending  # the create, unanswered
+            os.kill(w.proc.pid, signal.SIGKILL)
+            w.proc.wait()
+            rid = run.run_id  # the helper is gone: the create is made here
+    assert "makes them" in caplog.text
+    client = tracking.get_client(mlflow_store["uri"])
+    r = client.get_run(rid)
+    assert r.info.status == "FINISHED" and r.data.params == {"a": "1"}
+    assert [f.path for f in client.list_artifacts(rid)] == ["a.txt"]
+
+
+def test_a_helper_that_does_not_create_the_run_in_time_is_stopped(
+    mlflow_store, monkeypatch, caplog
+):
+    monkeypatch.setattr(writer, "ANSWER_TIMEOUT", 1.0)
+    with writer.deferred_writes(mlflow_store["uri"]) as w:
+        os.kill(w.proc.pid, signal.SIGSTOP)  # hung: alive, answering nothing
+        with _open(mlflow_store) as run:
+            run.log_params({"a": 1})
+            rid = run.run_id  # waits 1 s, then stops the helper and makes its requests here
+        assert w.proc.returncode == -signal.SIGKILL
+    assert "has not created run" in caplog.text
+    r = tracking.get_client(mlflow_store["uri"]).get_run(rid)
+    assert r.info.status == "FINISHED" and r.data.params == {"a": "1"}
+
+
 def test_until_the_helper_is_ready_requests_are_made_here_and_it_is_stopped(
     mlflow_store, monkeypatch
 ):

@@ -828,7 +828,14 @@ class TrialClock:
         ]
         targets += [
             (writer.DeferredClient, name, self._call)
-            for name in ("log_batch", "log_inputs", "set_terminated")
+            for name in (
+                "create_run",
+                "created_run",
+                "log_batch",
+                "log_inputs",
+                "log_texts",
+                "set_terminated",
+            )
         ]
         targets += [
             (LocalArtifactRepository, name, self._call)

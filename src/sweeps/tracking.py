@@ -389,17 +389,28 @@ class Background:
 
 
 class Run:
-    """An open MLflow run: thin helpers over MlflowClient for one run id."""
+    """An open MLflow run: thin helpers over MlflowClient for one run id.
+
+    With deferred writes (a search worker's), the run is created by the worker's writer
+    process: ``ref`` is then a stand-in for its id (``writer.TOKEN``), which the store calls
+    take, and ``run_id`` waits for the real one."""
 
     def __init__(self, client, run_id: str, artifact_uri: str | None = None) -> None:
         self.client = client
-        self.run_id = run_id
+        self.ref = run_id
+        self._run_id = None if run_id.startswith(writer.TOKEN) else run_id
         self._artifact_uri = artifact_uri
         self._background: Background | None = None
         self._metrics: list[tuple[str, float, int, int]] = []  # (key, value, ms, step) unsent
         self._tags: dict[str, str] = {}  # queued, unsent
         self._held: list[tuple[str, float, int, int]] = []  # sent only at the end (hold_metrics)
         self._sent = time.monotonic()
+
+    @property
+    def run_id(self) -> str:
+        if self._run_id is None:
+            self._run_id, self._artifact_uri = self.client.created_run(self.ref)
+        return self._run_id
 
     @functools.cached_property
     def _artifacts(self):
@@ -408,7 +419,8 @@ class Run:
         create_run already returned."""
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-        uri = self._artifact_uri or self.client.get_run(self.run_id).info.artifact_uri
+        run_id = self.run_id  # resolved first: a deferred create gives the artifact URI too
+        uri = self._artifact_uri or self.client.get_run(run_id).info.artifact_uri
         return get_artifact_repository(uri, tracking_uri=self.client.tracking_uri)
 
     # -- artifacts logged on the background thread
@@ -420,6 +432,9 @@ class Run:
         write to the tracking store (metrics, params, tags stay on the caller's thread);
         artifact uploads are fine."""
         if self._background is None:
+            # resolved here, on the caller's thread (a deferred create's answer comes over
+            # the writer's connection, which is not for two threads): the jobs only read it
+            self._artifacts  # noqa: B018
             self._background = Background(f"mlflow-artifacts-{self.run_id[:8]}")
         return self._background.submit(path, fn, *args)
 
@@ -489,7 +504,7 @@ class Run:
             room = 1000 - len(p) - len(t)
             m, metrics = metrics[:room], metrics[room:]
             with signals_held():
-                self.client.log_batch(self.run_id, metrics=m, params=p, tags=t, synchronous=True)
+                self.client.log_batch(self.ref, metrics=m, params=p, tags=t, synchronous=True)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
@@ -505,13 +520,13 @@ class Run:
         self.log_texts({path: text})
 
     def log_texts(self, texts: Mapping[str, str]) -> None:
-        """Upload several text artifacts ({path: text}) in one request to the store."""
-        with tempfile.TemporaryDirectory() as tmp:
-            for path, text in texts.items():
-                file = Path(tmp, path)
-                file.parent.mkdir(parents=True, exist_ok=True)
-                file.write_text(text, encoding="utf-8")
-            self._artifacts.log_artifacts(tmp)
+        """Upload several text artifacts ({path: text}) in one request to the store; with
+        deferred writes, by the writer (a trial's config, at its start, then need not wait
+        for the writer to create its run)."""
+        if isinstance(self.client, writer.DeferredClient):
+            self.client.log_texts(self.ref, texts, self._artifact_uri)
+        else:
+            writer.upload_texts(self._artifacts, texts)
 
     def log_bytes(self, data: bytes, path: str) -> None:
         """Upload ``data`` as the artifact ``path`` (e.g. ``activations/init.png``)."""
@@ -562,11 +577,15 @@ class Run:
             for x, t, name, digest, context in datasets
         ]
         with signals_held():
-            writer.log_inputs(self.client, self.run_id, inputs)
+            writer.log_inputs(self.client, self.ref, inputs)
 
     def end(self, status: str) -> None:
+        """End the run ``status``. Its id is known from here on (a deferred create is
+        waited for: its writer forgets the run once it is ended); RuntimeError if the
+        writer could not create it."""
+        self.run_id  # noqa: B018
         with signals_held():
-            self.client.set_terminated(self.run_id, status=status)
+            self.client.set_terminated(self.ref, status=status)
 
 
 class NullRun:
@@ -609,15 +628,17 @@ def open_run(
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run: Run | None = None
+    str_tags = {k: str(v) for k, v in all_tags.items()}
+    # with deferred writes on (a search worker's), through its helper process, which
+    # creates the run too
+    writes = writer.deferred(client, tracking_uri)
     try:
         with signals_held():  # so that a run that exists is always ended below
-            mlrun = client.create_run(
-                exp_id, run_name=run_name, tags={k: str(v) for k, v in all_tags.items()}
-            )
-            # with deferred writes on (a search worker's), through its helper process
-            run = Run(
-                writer.deferred(client, tracking_uri), mlrun.info.run_id, mlrun.info.artifact_uri
-            )
+            if isinstance(writes, writer.DeferredClient):
+                run = Run(writes, writes.create_run(exp_id, tags=str_tags, run_name=run_name))
+            else:
+                mlrun = client.create_run(exp_id, run_name=run_name, tags=str_tags)
+                run = Run(client, mlrun.info.run_id, mlrun.info.artifact_uri)
         yield run
         run.flush_metrics(final=True)
         run.wait_background()
@@ -631,7 +652,7 @@ def open_run(
         if run is not None:
             with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: stop waiting, end the run
                 if not run.wait_background(BACKGROUND_GRACE):
-                    log.warning("run %s: artifacts still pending were dropped", run.run_id)
+                    log.warning("run %s: artifacts still pending were dropped", run.ref)
             run.cancel_background()
             reason = str(e) if isinstance(e, DivergedError) else f"{type(e).__name__}: {e}"
             _end_quietly(run, "FAILED", reason)
@@ -656,7 +677,7 @@ def _end_quietly(run: Run, status: str, reason: str) -> None:
         except KeyboardInterrupt:
             continue
         except Exception:  # the store is unreachable: nothing more we can do
-            log.exception("could not mark MLflow run %s as %s", run.run_id, status)
+            log.exception("could not mark MLflow run %s as %s", run.ref, status)
             return
 
 
