@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import subprocess
 import sys
@@ -90,15 +91,31 @@ def mlflow_runs(store: dict[str, str], study: str) -> list:
     return client.search_runs([exp.experiment_id], filter_string=f"tags.study = '{study}'")
 
 
+SIGNAL_MARGIN = 0.3  # seconds
+
+
 def running_trial_with_run(spec: str, store: dict[str, str], study: str, min_counted: int) -> bool:
-    """A trial is training (its MLflow run is RUNNING) after ``min_counted`` counted ones."""
+    """A trial is training (its MLflow run is RUNNING) after ``min_counted`` counted ones,
+    with at least ``SIGNAL_MARGIN`` seconds left if it takes as long as the shortest
+    finished trial: a signal sent now still finds it training (one near its end could
+    finish between this poll and the signal: seen, once trials got faster)."""
     try:
         trials = load_study(spec, study).get_trials(deepcopy=False)
     except KeyError:  # the study does not exist yet
         return False
     if S.tally(trials).counted < min_counted:
         return False
-    running = {str(t.number) for t in trials if t.state == TrialState.RUNNING}
+    durations = [t.duration.total_seconds() for t in trials if t.duration is not None]
+    if not durations:
+        return False
+    now = datetime.datetime.now()
+    running = {
+        str(t.number)
+        for t in trials
+        if t.state == TrialState.RUNNING
+        and t.datetime_start is not None
+        and (now - t.datetime_start).total_seconds() < min(durations) - SIGNAL_MARGIN
+    }
     return any(
         r.info.status == "RUNNING" and r.data.tags.get("trial_number") in running
         for r in mlflow_runs(store, study)

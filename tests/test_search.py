@@ -745,10 +745,12 @@ def test_reconcile_leaves_a_just_finished_trials_run_to_its_writer(
 @pytest.mark.slow
 def test_sigkill_mid_study_then_rerun_finishes_the_exact_budget(tmp_path, mlflow_store):
     storage = str(tmp_path / "journal.log")
-    # 60 epochs: a trial trains long enough for the poll below to see it running (with 8,
-    # the whole study once finished between two polls)
+    # 600 epochs, about 1.2 s a trial: long enough for the poll below to see one with its
+    # run created (by the worker's writer process, 0.2-0.3 s into the trial) and time left
+    # (with 8, the whole study once finished between two polls; with 60, 0.2 s a trial,
+    # the poll often saw none, or a trial that ended before the signal)
     args = tiny_args(
-        storage, mlflow_store, study="kill", rounds=[(4, "random"), (3, "tpe")], epochs=60
+        storage, mlflow_store, study="kill", rounds=[(4, "random"), (3, "tpe")], epochs=600
     )
     proc = spawn(args, tmp_path, tmp_path / "first.log")
     try:
@@ -811,7 +813,7 @@ def test_two_workers_share_the_exact_budget_without_duplicates(tmp_path, mlflow_
 @pytest.mark.slow
 def test_sigterm_stops_workers_cleanly_and_a_rerun_resumes(tmp_path, mlflow_store):
     storage = str(tmp_path / "journal.log")
-    # 60 epochs, as in the SIGKILL test: the signal has to land in a trial. With 8 it once
+    # 600 epochs, as in the SIGKILL test: the signal has to land in a trial. With 8 it once
     # landed between trials (full suite, loaded machine), and nothing was interrupted: the
     # poll had seen a run still RUNNING whose trial had just ended (its writer process
     # makes the run's end a moment after the trial is told).
@@ -820,7 +822,7 @@ def test_sigterm_stops_workers_cleanly_and_a_rerun_resumes(tmp_path, mlflow_stor
         mlflow_store,
         study="term",
         rounds=[(6, "random")],
-        epochs=60,
+        epochs=600,
         extra=["n_workers=2"],
     )
     proc = spawn(args, tmp_path, tmp_path / "first.log")
