@@ -660,6 +660,32 @@ def test_make_splits_determinism(syn: tuple[Dataset, Dataset]) -> None:
     np.testing.assert_array_equal(d.test.x, test.x[:50])
 
 
+def test_make_splits_digest_of_loaded_data_is_reused_and_the_same() -> None:
+    """load_dataset's read-only data: its digest's start is hashed once and reused; the
+    digests are those of the same data held in writable arrays (hashed every time)."""
+    train, test = data.load_dataset("synthetic", n_train=400, n_test=100, seed=5)
+    copies = Dataset(train.x.copy(), train.t.copy()), Dataset(test.x.copy(), test.t.copy())
+
+    def digest(tr: Dataset, te: Dataset, seed: int, **kw) -> str:
+        rng = np.random.default_rng(seed)
+        return data.make_splits(tr, te, train_size=300, val_fraction=0.2, rng=rng, **kw).digest
+
+    for seed in (1, 2):
+        for kw in ({}, {"test_size": 50}):
+            want = digest(*copies, seed, **kw)
+            assert digest(train, test, seed, **kw) == want  # hashed, then kept
+            assert digest(train, test, seed, **kw) == want  # reused
+    assert (
+        len({digest(train, test, s, **kw) for s in (1, 2) for kw in ({}, {"test_size": 50})}) == 4
+    )
+    held = [kept[0] for _, kept in data._DIGESTS.values()]
+    assert any(d is train for d in held) and not any(d is copies[0] for d in held)
+    assert not data._frozen(copies[0].x)
+    view = np.frombuffer(bytearray(8), dtype=np.float32)
+    view.flags.writeable = False
+    assert not data._frozen(view)  # read-only, over a buffer that is not
+
+
 def test_make_splits_no_validation(syn: tuple[Dataset, Dataset]) -> None:
     train, test = syn
     s = data.make_splits(
