@@ -33,9 +33,13 @@ def test_a_workers_rate_leaves_out_the_cold_first_trials():
 
 
 @pytest.mark.slow
-def test_the_search_section_runs_every_contender_and_reports_its_rows(monkeypatch):
-    from sweeps import writer
+@pytest.mark.parametrize("real_mnist", [False, True], ids=["synthetic", "and-real-mnist"])
+def test_the_search_section_runs_every_contender_and_reports_its_rows(monkeypatch, real_mnist):
+    from sweeps import data, writer
 
+    if real_mnist and not data.mnist_cached():
+        pytest.skip("real MNIST is not cached on this machine")
+    monkeypatch.setattr(data, "mnist_cached", lambda root=None: real_mnist)
     # these tiny studies end before a helper starts: wait for it, so that it writes
     monkeypatch.setattr(writer, "WAIT_READY", True)
     report = bench.Report()
@@ -43,7 +47,9 @@ def test_the_search_section_runs_every_contender_and_reports_its_rows(monkeypatc
     bench.bench_search(report, repeats=1, trials=4, extra=tiny)
 
     rows = {t.label: t for t in report.timings}
-    for name in bench.SEARCH_CONTENDERS:
+    names = [*bench.SEARCH_CONTENDERS, *([bench.REAL_MNIST] if real_mnist else [])]
+    assert len(rows) == len(names) + 1  # and the book's loop
+    for name in names:
         (label,) = [k for k in rows if f": {name}, seconds per trial" in k]
         assert len(rows[label].seconds) == 1 and rows[label].seconds[0] > 0, label
     (reference,) = [t for t in report.timings if "book's own loop" in t.label]
@@ -59,7 +65,15 @@ def test_the_search_section_runs_every_contender_and_reports_its_rows(monkeypatc
         "between studies is not in it) / an untracked trial (same repeat)",
         "Search, 1 worker: the writer process's store work per tracked trial (made while the "
         "next trial trains, on another core) / an untracked trial (same repeat)",
-    }
+    } | (
+        {
+            "Search, untracked, 1 worker: seconds per trial on real MNIST / on synthetic data "
+            "(same repeat)"
+        }
+        if real_mnist
+        else set()
+    )
+    assert any("no real-MNIST row" in note for note in report.notes) is not real_mnist
     assert all(len(r.values) == 1 and math.isfinite(r.values[0]) for r in ratios.values())
     inside = [r for label, r in ratios.items() if "MLflow calls per tracked trial" in label]
     assert inside[0].values[0] > 0  # the tracked study's trials made MLflow calls

@@ -1018,6 +1018,7 @@ SEARCH_CONTENDERS = {  # name -> (workers, tracked)
     "tracked, 2 workers": (2, True),
 }
 BOOK_TRIALS = 2  # trials of the book's own loop per repeat
+REAL_MNIST = "untracked, 1 worker, real MNIST"  # a contender, when MNIST is cached
 
 
 def book_trial(
@@ -1132,8 +1133,10 @@ def bench_search(
     (imports, starting the workers and their cold first trial, the final report and plots)
     stay out; they are in the whole-command wall times of the notes. The book's own loop
     (``book_trial``) runs ``BOOK_TRIALS`` trials on the same data in each repeat, the reference
-    for a tracked trial. At most ``LONG_REPEATS`` repeats; ``extra`` overrides every trial
-    (tests shrink trials with it)."""
+    for a tracked trial. Where MNIST is cached (``data.mnist_cached``), an untracked
+    one-worker study on it too (``REAL_MNIST``): what the real data costs a trial (loading,
+    splitting), which the synthetic data does not show. At most ``LONG_REPEATS`` repeats;
+    ``extra`` overrides every trial (tests shrink trials with it)."""
     import logging
     import tempfile
 
@@ -1145,6 +1148,7 @@ def bench_search(
     logging.getLogger(mlflow.__name__).setLevel(logging.WARNING)
 
     asked, repeats = repeats, min(repeats, LONG_REPEATS)
+    real_mnist = D.mnist_cached()
     book_cfg = compose(
         [*O.load_config(["search=book"]).search.base_overrides, "data=synthetic", *extra]
     )
@@ -1155,18 +1159,21 @@ def bench_search(
         tracking.get_client(f"sqlite:///{template}").search_experiments()
         count = iter(range(10**6))
 
-        def study(workers: int, tracked: bool) -> StudyTiming:
+        def study(workers: int, tracked: bool, more: Sequence[str] = ()) -> StudyTiming:
             root = base / f"study-{next(count)}"
             root.mkdir()
             if tracked:
                 tracking.copy_store(template, root / "mlflow.db")
-            return run_study(root, workers, tracked, trials, extra)
+            return run_study(root, workers, tracked, trials, [*extra, *more])
 
         # No warm-up study: each worker's first (cold) trial is left out of its rate anyway
         # (``worker_rate``), and the whole-command times are medians over the repeats.
         contenders: dict[str, Callable[[], Any]] = {
             name: functools.partial(study, w, t) for name, (w, t) in SEARCH_CONTENDERS.items()
         }
+        if real_mnist:  # the protocol's own data, when this machine has it: what loading
+            # and splitting it costs a trial, which the synthetic data does not show
+            contenders[REAL_MNIST] = functools.partial(study, 1, False, ["data=mnist"])
         contenders["book"] = lambda: book_loop_seconds(book_cfg, BOOK_TRIALS, next(seeds))
         res = alternate(contenders, repeats, warmup=False)
     book = res.pop("book")
@@ -1187,6 +1194,18 @@ def bench_search(
     def per_repeat(a: str, b: str) -> list[float]:
         return [x / y for x, y in zip(per_trial[a], per_trial[b], strict=True)]
 
+    if real_mnist:
+        report.ratios.append(
+            Ratio(
+                "Search, untracked, 1 worker: seconds per trial on real MNIST / on synthetic "
+                "data (same repeat)",
+                per_repeat(REAL_MNIST, "untracked, 1 worker"),
+                "none: the data's own cost (loading, splitting) a trial",
+                None,
+            )
+        )
+    else:
+        report.notes.append("Search: MNIST is not cached here: no real-MNIST row")
     for workers in ("1 worker", "2 workers"):
         report.ratios.append(
             Ratio(

@@ -76,6 +76,7 @@ __all__ = [
     "encode_idx",
     "ensure_mnist",
     "load_dataset",
+    "mnist_cached",
     "load_mnist",
     "main",
     "make_splits",
@@ -377,6 +378,11 @@ def _scan_cache(root: Path) -> tuple[dict[str, bytes], dict[str, str]]:
 def _cache_status(root: Path) -> dict[str, str]:
     _, problems = _scan_cache(root)
     return {name: problems.get(name, "ok") for name in MNIST_FILES}
+
+
+def mnist_cached(root: str | os.PathLike[str] | None = None) -> bool:
+    """Whether the MNIST cache holds the four files, each as pinned (nothing is fetched)."""
+    return not _scan_cache(resolve_data_dir(root))[1]
 
 
 def _cache_lock(root: Path) -> contextlib.AbstractContextManager[None]:
