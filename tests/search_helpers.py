@@ -97,7 +97,7 @@ SIGNAL_MARGIN = 0.3  # seconds
 def running_trial_with_run(spec: str, store: dict[str, str], study: str, min_counted: int) -> bool:
     """A trial is training (its MLflow run is RUNNING) after ``min_counted`` counted ones,
     with at least ``SIGNAL_MARGIN`` seconds left if it takes as long as the shortest
-    finished trial: a signal sent now still finds it training (one near its end could
+    complete trial: a signal sent now still finds it training (one near its end could
     finish between this poll and the signal: seen, once trials got faster)."""
     try:
         trials = load_study(spec, study).get_trials(deepcopy=False)
@@ -105,7 +105,12 @@ def running_trial_with_run(spec: str, store: dict[str, str], study: str, min_cou
         return False
     if S.tally(trials).counted < min_counted:
         return False
-    durations = [t.duration.total_seconds() for t in trials if t.duration is not None]
+    # complete trials only: a diverged one fails in its first epochs (lr up to 1.0 here)
+    durations = [
+        t.duration.total_seconds()
+        for t in trials
+        if t.state == TrialState.COMPLETE and t.duration is not None
+    ]
     if not durations:
         return False
     now = datetime.datetime.now()

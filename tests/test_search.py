@@ -742,15 +742,21 @@ def test_reconcile_leaves_a_just_finished_trials_run_to_its_writer(
 # -- processes ---------------------------------------------------------------------------------
 
 
+#: Trials long enough for a signal to land in one (about 1.1 s here), with few metric rows
+#: (the writer process, behind by a trial's writes, creates the next trial's run only after
+#: them). The tiny net needed 600 epochs for that: 2,400 rows a trial kept the writer 0.3-0.4
+#: s behind, and the poll below missed every trial in a CI run (and with 8 or 60 epochs,
+#: 0.2 s a trial, in 4 of 14 runs).
+SLOW_TRIAL: dict = {"epochs": 60, "extra": ["model.hidden_sizes=[512,512]"]}
+
+
 @pytest.mark.slow
 def test_sigkill_mid_study_then_rerun_finishes_the_exact_budget(tmp_path, mlflow_store):
     storage = str(tmp_path / "journal.log")
-    # 600 epochs, about 1.2 s a trial: long enough for the poll below to see one with its
-    # run created (by the worker's writer process, 0.2-0.3 s into the trial) and time left
-    # (with 8, the whole study once finished between two polls; with 60, 0.2 s a trial,
-    # the poll often saw none, or a trial that ended before the signal)
+    # SLOW_TRIAL: about 1.1 s a trial, long enough for the poll below to see one with its
+    # run created (by the worker's writer process) and time left
     args = tiny_args(
-        storage, mlflow_store, study="kill", rounds=[(4, "random"), (3, "tpe")], epochs=600
+        storage, mlflow_store, study="kill", rounds=[(4, "random"), (3, "tpe")], **SLOW_TRIAL
     )
     proc = spawn(args, tmp_path, tmp_path / "first.log")
     try:
@@ -813,17 +819,17 @@ def test_two_workers_share_the_exact_budget_without_duplicates(tmp_path, mlflow_
 @pytest.mark.slow
 def test_sigterm_stops_workers_cleanly_and_a_rerun_resumes(tmp_path, mlflow_store):
     storage = str(tmp_path / "journal.log")
-    # 600 epochs, as in the SIGKILL test: the signal has to land in a trial. With 8 it once
-    # landed between trials (full suite, loaded machine), and nothing was interrupted: the
-    # poll had seen a run still RUNNING whose trial had just ended (its writer process
-    # makes the run's end a moment after the trial is told).
+    # SLOW_TRIAL, as in the SIGKILL test: the signal has to land in a trial. With 8 epochs
+    # of the tiny net it once landed between trials (full suite, loaded machine), and
+    # nothing was interrupted: the poll had seen a run still RUNNING whose trial had just
+    # ended (its writer process makes the run's end a moment after the trial is told).
     args = tiny_args(
         storage,
         mlflow_store,
         study="term",
         rounds=[(6, "random")],
-        epochs=600,
-        extra=["n_workers=2"],
+        epochs=SLOW_TRIAL["epochs"],
+        extra=["n_workers=2", *SLOW_TRIAL["extra"]],
     )
     proc = spawn(args, tmp_path, tmp_path / "first.log")
     try:
