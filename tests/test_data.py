@@ -678,8 +678,11 @@ def test_make_splits_digest_of_loaded_data_is_reused_and_the_same() -> None:
     assert (
         len({digest(train, test, s, **kw) for s in (1, 2) for kw in ({}, {"test_size": 50})}) == 4
     )
-    held = [kept[0] for _, kept in data._DIGESTS.values()]
-    assert any(d is train for d in held) and not any(d is copies[0] for d in held)
+    cached = data._frozen_data_digest.cache_info()
+    assert cached.hits >= 4  # the second call of each: reused
+    digest(*copies, 1)  # writable: hashed every time, never cached
+    assert data._frozen_data_digest.cache_info().currsize == cached.currsize
+    assert data._frozen_data_digest.cache_info().hits == cached.hits
     assert not data._frozen(copies[0].x)
     view = np.frombuffer(bytearray(8), dtype=np.float32)
     view.flags.writeable = False

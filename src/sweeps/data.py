@@ -902,14 +902,6 @@ def _hash_array(h: Any, a: np.ndarray) -> None:
     h.update(a.data)
 
 
-#: The digests' start (the data, before the permutation) of ``load_dataset``'s datasets,
-#: which are read-only: (train, test, the test kept, n) -> (the sha256 state, the datasets,
-#: held so that their ids stay theirs). A search worker's trials split the same data: its
-#: test set alone (31 MB of float32 for MNIST) took 18 ms to hash, 4% of a trial.
-_DIGESTS: dict[tuple[int, int, int, int], tuple[Any, tuple[Dataset, ...]]] = {}
-_DIGESTS_KEEP = 4
-
-
 def _frozen(a: np.ndarray) -> bool:
     """Whether nothing can change ``a``: read-only, and so is the array it views (an
     array over some other buffer, which may be writable, is not)."""
@@ -918,21 +910,27 @@ def _frozen(a: np.ndarray) -> bool:
     return a.base is None or (isinstance(a.base, np.ndarray) and _frozen(a.base))
 
 
-def _data_digest(train: Dataset, te: Dataset, test: Dataset, n: int):
-    """sha256 over the split's data: the first ``n`` training samples and the test set
-    kept (``te``, of ``test``); reused for ``load_dataset``'s (read-only) datasets."""
-    reuse = all(_frozen(a) for d in (train, test) for a in (d.x, d.t))
-    key = (id(train), id(test), len(te), n)
-    if reuse and key in _DIGESTS:
-        return _DIGESTS[key][0].copy()
+def _data_digest(train: Dataset, test: Dataset, kept: int, n: int):
+    """sha256 over a split's data, the start of its digest (the permutation comes after):
+    the first ``n`` training samples and the first ``kept`` test samples."""
     h = hashlib.sha256(b"sweeps.make_splits/v1")
-    for a in (train.x[:n], train.t[:n], te.x, te.t):
+    for a in (train.x[:n], train.t[:n], test.x[:kept], test.t[:kept]):
         _hash_array(h, a)
-    if reuse:
-        while len(_DIGESTS) >= _DIGESTS_KEEP:
-            del _DIGESTS[next(iter(_DIGESTS))]
-        _DIGESTS[key] = (h.copy(), (train, test))
     return h
+
+
+#: ``_data_digest`` of ``load_dataset``'s datasets, which are read-only: a search worker's
+#: trials split the same data, and its test set alone (31 MB of float32 for MNIST) took 18 ms
+#: to hash, 4% of a trial. Keyed by the datasets themselves (their identity: ``Dataset`` has
+#: no ``__eq__``), which the cache holds, so an id is never another dataset's.
+_frozen_data_digest = functools.lru_cache(maxsize=4)(_data_digest)
+
+
+def _split_digest(train: Dataset, test: Dataset, kept: int, n: int):
+    """``_data_digest``, a copy of the cached one for data nothing can change."""
+    if all(_frozen(a) for d in (train, test) for a in (d.x, d.t)):
+        return _frozen_data_digest(train, test, kept, n).copy()
+    return _data_digest(train, test, kept, n)
 
 
 def make_splits(
@@ -1003,7 +1001,7 @@ def make_splits(
     tr = Dataset(x[n_val:], t[n_val:])
     te = test if test_size is None else Dataset(test.x[:test_size], test.t[:test_size])
 
-    h = _data_digest(train, te, test, n)
+    h = _split_digest(train, test, len(te), n)
     _hash_array(h, perm)
     params = {
         "train_size": n,
