@@ -1174,9 +1174,8 @@ def bench_search(
         contenders: dict[str, Callable[[], Any]] = {
             name: functools.partial(study, w, t) for name, (w, t) in SEARCH_CONTENDERS.items()
         }
-        if real_mnist:  # the protocol's own data, when this machine has it: what loading
-            # and splitting it costs a trial, which the synthetic data does not show
-            # half the trials: its rate is steady after the first, and the bench has 5 minutes
+        if real_mnist:  # the protocol's own data, in half the trials (its rate is steady
+            # after the first, and the bench has 5 minutes)
             contenders[REAL_MNIST] = functools.partial(study, 1, False, ["data=mnist"], real_n)
         contenders["book"] = lambda: book_loop_seconds(book_cfg, BOOK_TRIALS, next(seeds))
         res = alternate(contenders, repeats, warmup=False)
