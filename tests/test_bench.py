@@ -186,3 +186,23 @@ def test_the_trial_clock_wraps_mlflow_and_the_search_only_while_installed():
         assert MlflowClient.log_batch.__wrapped__ is before[1]
         assert S.Search.run_trial.__wrapped__ is before[2]
     assert (MlflowClient.create_run, MlflowClient.log_batch, S.Search.run_trial) == before
+
+
+@pytest.mark.parametrize("content", [None, "a README without the bench block\n"])
+def test_a_readme_it_cannot_write_its_table_into_stops_it_before_any_work(
+    monkeypatch, tmp_path, content
+):
+    def work(*_):
+        raise AssertionError("a section ran")
+
+    monkeypatch.setattr(bench, "SECTIONS", dict.fromkeys(bench.SECTIONS, work))
+    monkeypatch.setattr(bench, "import_torch", lambda: pytest.fail("the bench started"))
+    readme = tmp_path / "README.md"
+    if content is not None:
+        readme.write_text(content)
+    expected = "no <!-- bench:start -->" if content else "cannot read"
+    with pytest.raises(SystemExit, match=expected) as e:
+        bench.main(["--sections", "mlp", "--readme", str(readme)])
+    assert str(readme) in str(e.value)
+    if content is not None:
+        assert readme.read_text() == content

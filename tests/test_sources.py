@@ -170,6 +170,19 @@ def test_unknown_experiment_is_an_error_naming_what_exists(store, capsys):
     assert "'nope'" in err and "sources" in err
 
 
+def test_a_readme_without_the_block_stops_the_report_before_it_reads_the_store(
+    monkeypatch, tmp_path
+):
+    monkeypatch.setattr(tracking, "get_client", lambda *_: pytest.fail("the store was read"))
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers here\n")
+    with pytest.raises(SystemExit, match=r"README\.md has no <!-- sources:start -->"):
+        sources.main(["--readme", str(readme)])
+    with pytest.raises(SystemExit, match=r"cannot read .*missing\.md"):
+        sources.main(["--readme", str(tmp_path / "missing.md")])
+    assert readme.read_text() == "no markers here\n"
+
+
 def test_a_readme_without_the_block_is_an_error_and_left_alone(tmp_path):
     from sweeps.readme import replace_block
 

@@ -76,7 +76,7 @@ from sweeps import data as D
 from sweeps.config import RunConfig, load
 from sweeps.experiment import build_model, train
 from sweeps.optim import Adam
-from sweeps.readme import replace_block
+from sweeps.readme import check_block, replace_block
 from sweeps.train import Callback
 
 PAUSE = 0.3  # seconds between contenders: lets BLAS/OpenMP worker threads stop spinning
@@ -1341,6 +1341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.readme:
+        check_block(args.readme, "bench")  # before minutes of work, not after
     torch = import_torch()
     if torch is not None:
         torch.set_num_threads(blas_threads())  # the same thread count as NumPy's BLAS

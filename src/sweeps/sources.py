@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from sweeps import tracking
 from sweeps.config import MlflowConf
-from sweeps.readme import replace_block
+from sweeps.readme import check_block, replace_block
 
 README_BLOCK = "sources"
 
@@ -473,6 +473,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--csv", help="also write the table as CSV to this file")
     p.add_argument("--readme", help="rewrite the README's sources block with the table")
     args = p.parse_args(argv)
+    if args.readme:
+        check_block(args.readme, README_BLOCK)
 
     client = tracking.get_client(args.tracking_uri)
     exp = client.get_experiment_by_name(args.experiment_name)
