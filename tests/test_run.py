@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -288,6 +289,32 @@ def test_bad_input_fails_before_any_run_is_created(tmp_path, mlflow_store):
     assert all_runs(mlflow_store) == []
 
 
+@pytest.mark.slow
+def test_a_store_it_cannot_use_stops_it_before_any_work(tmp_path):
+    with socket.socket() as s:  # a loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cases = {
+        f"mlflow.tracking_uri=http://127.0.0.1:{port}": (
+            f"error: the MLflow tracking store at http://127.0.0.1:{port} does not answer ("
+        ),
+        "mlflow.tracking_uri=ftp://x": "error: invalid config: mlflow.tracking_uri 'ftp://x' is",
+    }
+    procs = {}
+    for i, bad in enumerate(cases):
+        (tmp_path / str(i)).mkdir()
+        procs[bad] = start([*TINY, bad], tmp_path / str(i))
+    for i, (bad, proc) in enumerate(procs.items()):
+        result = finish(proc, timeout=60)
+        assert result.returncode == 2, (bad, result.stderr)
+        assert result.stderr.startswith(cases[bad]), (bad, result.stderr)
+        assert "Traceback" not in result.stderr and "epoch" not in result.stdout
+        made = {
+            p.relative_to(tmp_path / str(i)).as_posix() for p in (tmp_path / str(i)).glob("*/*")
+        }
+        assert made == {"mlruns/hydra"}, bad  # Hydra's run folder, no store, no artifacts
+
+
 # -- interrupted runs --------------------------------------------------------------------------
 
 
@@ -310,6 +337,23 @@ def _wait_for_running(store: dict[str, str], proc: subprocess.Popen, timeout: fl
 
 
 @pytest.mark.slow
+def test_an_interrupted_untracked_run_claims_no_run(tmp_path):
+    proc = start(["data=synthetic", "trainer.epochs=100000", "mlflow.enabled=false"], tmp_path)
+    deadline = time.monotonic() + 90
+    while not any(
+        "epoch   1 |" in p.read_text() for p in tmp_path.glob("mlruns/hydra/*/*/run.log")
+    ):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no epoch logged ({proc.returncode}):\n{proc.stderr.read()[-3000:]}")
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    result = finish(proc, timeout=60)
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.endswith("\ninterrupted (Ctrl-C)\n"), result.stderr[-500:]
+
+
+@pytest.mark.slow
 def test_sigint_and_sigterm_end_the_run_as_killed(tmp_path, mlflow_store):
     long_run = ["data=synthetic", "model.hidden_sizes=[64,64]", "trainer.epochs=100000", NO_FIGURES]
     cases = {
@@ -323,7 +367,8 @@ def test_sigint_and_sigterm_end_the_run_as_killed(tmp_path, mlflow_store):
         proc.send_signal(sig)
         result = finish(proc, timeout=60)
         assert result.returncode == code != 0, (sig, result.stderr)
-        assert "the MLflow run is marked KILLED" in result.stderr
+        why = "Ctrl-C" if sig == signal.SIGINT else f"received signal {int(sig)}"
+        assert f"interrupted ({why}); the MLflow run is marked KILLED" in result.stderr
         r = MlflowClient(tracking_uri=store["uri"]).get_run(run_id)
         assert r.info.status == "KILLED", sig
         assert r.info.end_time is not None

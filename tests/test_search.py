@@ -844,6 +844,10 @@ def test_sigterm_stops_workers_cleanly_and_a_rerun_resumes(tmp_path, mlflow_stor
     finally:
         proc.kill()
         proc.wait()
+    assert (
+        "interrupted (received signal 15); running trials are marked FAIL"
+        in (tmp_path / "first.log").read_text()
+    )
     trials = load_study(storage, "term").get_trials(deepcopy=False)
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     stopped = [t for t in trials if S.outcome_of(t) in ("interrupted", "stale")]

@@ -57,6 +57,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from sweeps import stores
 from sweeps.diff import default_tracking_uri
 
 log = logging.getLogger("sweeps.compare")
@@ -831,6 +832,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.overrides and args.seeds is None:
         parser.error("overrides are only used with --seeds N")
     try:
+        stores.check_tracking_store(uri, "--tracking-uri")
         if args.seeds is not None:
             if not by:
                 by = [k for k in sweep_keys(args.overrides) if k != "seed"]

@@ -23,6 +23,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from sweeps.nn.init import Init
 from sweeps.optim import WeightDecay, make_optimizer
+from sweeps.stores import check_tracking_uri
 from sweeps.train import TrainSettings
 
 GROUPS = (
@@ -380,6 +381,7 @@ class MlflowConf:
     log_figures: bool = True
 
     def __post_init__(self) -> None:
+        check_tracking_uri(self.tracking_uri)
         if self.batch_loss_every < 1:
             raise ValueError(f"mlflow.batch_loss_every must be >= 1, got {self.batch_loss_every!r}")
         if self.detail_metrics_every < 0:

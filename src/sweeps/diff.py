@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from sweeps import stores
 from sweeps.config import GROUPS, MlflowConf
 
 ABSENT = object()  # a key present in one config only
@@ -361,6 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
+        stores.check_tracking_store(args.tracking_uri or default_tracking_uri(), "--tracking-uri")
         d = diff_runs(args.run_a, args.run_b, args.tracking_uri, args.metrics or ("*",))
     except Exception as e:  # an unknown run id, an unreachable store
         print(f"error: {e}", file=sys.stderr)

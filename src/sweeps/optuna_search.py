@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import open_dict
 
 from sweeps import search as S
-from sweeps import tracking
+from sweeps import stores, tracking
 
 if TYPE_CHECKING:
     from sweeps.compare import GroupStats
@@ -591,8 +591,8 @@ def study_main(search: S.Search, argv: Sequence[str], start: float, resumed: boo
         except KeyboardInterrupt as e:
             code, status = EXIT_INTERRUPTED, "KILLED"
             message = (
-                f"interrupted ({e or 'Ctrl-C'}); running trials are marked FAIL and their runs "
-                "KILLED; rerun the same command to resume"
+                f"interrupted ({str(e) or 'Ctrl-C'}); running trials are marked FAIL and their "
+                "runs KILLED; rerun the same command to resume"
             )
     progress.close()
     with S._signals_ignored():
@@ -646,6 +646,19 @@ def study_main(search: S.Search, argv: Sequence[str], start: float, resumed: boo
 USAGE = __doc__.split("Hydra stops here")[0]
 
 
+def check_stores(cfg: S.SearchConfig) -> None:
+    """SearchError unless the study's database server and the MLflow tracking store answer
+    (a local file is not checked): before the study is opened or a worker started. Its
+    workers skip it: their launcher, here or on another machine, has checked."""
+    try:
+        if cfg.storage and not S.is_journal(cfg.storage):
+            stores.check_reachable(S.rdb_url(cfg.storage), "Optuna storage", shown=cfg.storage)
+        if cfg.mlflow.enabled:
+            stores.check_reachable(cfg.mlflow.tracking_uri, "MLflow tracking store")
+    except stores.Unreachable as e:
+        raise S.SearchError(str(e)) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
@@ -669,6 +682,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if worker:
             return worker_main(cfg)
+        check_stores(cfg)
         return launch(cfg, argv)
     except S.SearchError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -35,6 +35,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from sweeps import stores
 from sweeps.config import GROUPS, compose, conf_dir, validate
 from sweeps.diff import (
     BOOKKEEPING,
@@ -402,6 +403,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no per-epoch progress")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    try:
+        stores.check_tracking_store(args.tracking_uri or default_tracking_uri(), "--tracking-uri")
+    except (ValueError, stores.Unreachable) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         result = reproduce(
             args.run_id,

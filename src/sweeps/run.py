@@ -24,7 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from sweeps import tracking
+from sweeps import stores, tracking
 from sweeps.config import (
     GROUPS,
     RunConfig,
@@ -226,6 +226,12 @@ def _hydra_main(dcfg: DictConfig) -> float | None:
     except ValueError as e:
         print(f"error: invalid config: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    if cfg.mlflow.enabled:
+        try:
+            stores.check_reachable(cfg.mlflow.tracking_uri, "MLflow tracking store")
+        except stores.Unreachable as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
     multirun = hc.mode == RunMode.MULTIRUN
     if cfg.sweep_id is None and multirun:
         cfg.sweep_id = sweep_id_for(hc)
@@ -241,7 +247,8 @@ def _hydra_main(dcfg: DictConfig) -> float | None:
         with tracking.sigterm_as_interrupt():
             outcome = execute(cfg, resolved, overrides, choices=choices)
     except KeyboardInterrupt as e:
-        print(f"\ninterrupted ({e or 'Ctrl-C'}); the MLflow run is marked KILLED", file=sys.stderr)
+        marked = "; the MLflow run is marked KILLED" if cfg.mlflow.enabled else ""
+        print(f"\ninterrupted ({str(e) or 'Ctrl-C'}){marked}", file=sys.stderr)
         raise SystemExit(143 if isinstance(e, tracking.Terminated) else 130) from None
     except DivergedError as e:
         print(f"error: {e}; the MLflow run is marked FAILED", file=sys.stderr)

@@ -76,6 +76,7 @@ from sweeps.config import (
     interrupts_unwrapped,
     register_schemas,
 )
+from sweeps.stores import redact
 from sweeps.tracking import sqlite_path
 from sweeps.train import Callback
 
@@ -649,11 +650,6 @@ def rdb_url(url: str) -> str:
         except ImportError:
             return "postgresql+psycopg://" + url.split("://", 1)[1]
     return url
-
-
-def redact(url: str) -> str:
-    """The storage URL without its password."""
-    return re.sub(r"://([^:/@]+):[^@/]*@", r"://\1:***@", url)
 
 
 def open_storage(storage: str, heartbeat_interval: int, grace_period: int):

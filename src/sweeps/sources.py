@@ -28,7 +28,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sweeps import tracking
+from sweeps import stores, tracking
 from sweeps.config import MlflowConf
 from sweeps.readme import check_block, replace_block
 
@@ -475,6 +475,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.readme:
         check_block(args.readme, README_BLOCK)
+    try:
+        stores.check_tracking_store(args.tracking_uri, "--tracking-uri")
+    except (ValueError, stores.Unreachable) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     client = tracking.get_client(args.tracking_uri)
     exp = client.get_experiment_by_name(args.experiment_name)

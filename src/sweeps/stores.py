@@ -1,0 +1,124 @@
+"""Where runs and studies are kept, checked before any work starts.
+
+A tracking URI with a scheme MLflow has no store for (``ftp://``, or a plain folder, whose
+file store MLflow 3 refuses) is a config error. A server that does not answer is an error
+in seconds: left to the libraries, MLflow retries an unreachable tracking server or
+database for about two minutes (urllib3's and its own backoff) and then prints a
+traceback, after the run has been set up.
+"""
+
+from __future__ import annotations
+
+import re
+import ssl
+import urllib.error
+import urllib.request
+
+CONNECT_TIMEOUT = 10  # seconds a server has to answer the check
+DATABASES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow's SQL stores
+SERVERS = ("http", "https")  # an MLflow tracking server
+TRACKING_SCHEMES = (*DATABASES, *SERVERS, "databricks")
+
+
+class Unreachable(RuntimeError):
+    """A store's server could not be reached."""
+
+
+def scheme(uri: str) -> str:
+    """``postgresql`` for ``postgresql+psycopg://u@h/db``; ``""`` for a path."""
+    head, sep, _ = uri.partition("://")
+    if not sep and uri.startswith("databricks"):  # "databricks" or "databricks://profile"
+        return "databricks"
+    return head.split("+", 1)[0].lower() if sep else ""
+
+
+def redact(url: str) -> str:
+    """The URL without its password."""
+    return re.sub(r"://([^:/@]+):[^@/]*@", r"://\1:***@", url)
+
+
+def check_tracking_uri(uri: str, name: str = "mlflow.tracking_uri") -> None:
+    """ValueError naming the setting ``name``, ``uri`` and what is allowed, unless MLflow has a
+    store for ``uri``."""
+    if scheme(uri) in TRACKING_SCHEMES:
+        return
+    hint = (
+        " (a folder is MLflow's file store, which MLflow 3 no longer opens)"
+        if scheme(uri) in ("", "file")
+        else ""
+    )
+    raise ValueError(
+        f"{name} {redact(uri)!r} is not a store MLflow can open{hint}; use a "
+        "database URI (sqlite:///mlruns/mlflow.db, postgresql://user:pw@host/db, mysql://, "
+        "mssql://) or a tracking server's URL (http://host:5000)"
+    )
+
+
+def check_tracking_store(uri: str, name: str = "mlflow.tracking_uri") -> None:
+    """``check_tracking_uri``, then ``check_reachable``: what a command that reads or writes
+    runs checks first."""
+    check_tracking_uri(uri, name)
+    check_reachable(uri, "MLflow tracking store")
+
+
+def check_reachable(
+    uri: str, what: str, timeout: float = CONNECT_TIMEOUT, shown: str | None = None
+) -> None:
+    """Raise ``Unreachable`` unless the server behind ``uri`` answers within ``timeout``
+    seconds: a tracking server its ``/health`` request (every MLflow server answers it; a
+    server that asks for credentials passes, as MLflow's own calls send them), a database
+    server a connection. A local SQLite file and anything else are not checked. ``what`` names the
+    store in the message (``MLflow tracking store``, ``Optuna storage``), ``shown`` the URI
+    to name there (the one the user gave, when ``uri`` names its driver); never a password."""
+    kind = scheme(uri)
+    where = f"the {what} at {redact(shown or uri)}"
+    if kind in SERVERS:
+        _check_http(uri, where, timeout)
+    elif kind in DATABASES and kind != "sqlite":
+        _check_database(uri, where, timeout)
+
+
+def _check_http(uri: str, where: str, timeout: float) -> None:
+    health = f"{uri.rstrip('/')}/health"
+    try:
+        with urllib.request.urlopen(health, timeout=timeout):
+            return
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):  # a server that wants credentials: MLflow sends them
+            return
+        raise Unreachable(
+            f"{where} answers {redact(health)} with HTTP {e.code} "
+            f"{e.reason}: it is not an MLflow tracking server, or not a running one"
+        ) from None
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, ssl.SSLError):  # it answered; MLflow has its own TLS settings
+            return
+        reason: object = e.reason
+    except (OSError, ValueError) as e:  # a timeout, a reset; a malformed URL
+        reason = e
+    raise Unreachable(
+        f"{where} does not answer ({reason}); start it (mlflow server "
+        "--port 5000 --backend-store-uri sqlite:///mlruns/mlflow.db) or use a store that "
+        "runs"
+    )
+
+
+def _check_database(uri: str, where: str, timeout: float) -> None:
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    connect_args = {"connect_timeout": int(timeout)} if scheme(uri) != "mssql" else {}
+    try:
+        engine = sqlalchemy.create_engine(uri, poolclass=NullPool, connect_args=connect_args)
+    except (ImportError, sqlalchemy.exc.NoSuchModuleError) as e:
+        extra = " (pip install 'sweeps[postgres]')" if scheme(uri) == "postgresql" else ""
+        raise Unreachable(f"no database driver for {where}: {e}{extra}") from None
+    try:
+        with engine.connect():
+            return
+    except sqlalchemy.exc.SQLAlchemyError as e:
+        orig = getattr(e, "orig", None) or e
+        reason = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+        raise Unreachable(f"cannot connect to {where}: {reason}") from None
+    finally:
+        engine.dispose()

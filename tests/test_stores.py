@@ -1,0 +1,216 @@
+"""Stores checked before any work: a tracking URI MLflow cannot open is a config error, and a
+server that does not answer is an error in seconds, naming it. Servers here run on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import importlib.util
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from sweeps import compare, diff, optuna_search, reproduce, sources, stores
+from sweeps.config import MlflowConf
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def http_server(status: int) -> Iterator[tuple[str, list[str]]]:
+    """A loopback HTTP server answering every GET with ``status``; yields its URL and the
+    paths it was asked for."""
+    asked: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            self.send_response(status)
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", asked
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("sqlite:///mlruns/mlflow.db", "sqlite"),
+        ("postgresql+psycopg://u:pw@h/db", "postgresql"),
+        ("HTTP://h:5000", "http"),
+        ("databricks", "databricks"),
+        ("mlruns", ""),
+        ("file:./mlruns", ""),
+        ("file:///tmp/mlruns", "file"),
+    ],
+)
+def test_the_scheme_of_a_uri(uri, expected):
+    assert stores.scheme(uri) == expected
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "sqlite:///mlruns/mlflow.db",
+        "sqlite:////tmp/m.db?timeout=60",
+        "postgresql://u:pw@db/mlflow",
+        "postgresql+psycopg://u@db/mlflow",
+        "mysql+pymysql://u@db/mlflow",
+        "mssql+pyodbc://u@db/mlflow",
+        "http://mlflow:5000",
+        "https://mlflow.example/prefix",
+        "databricks",
+    ],
+)
+def test_a_store_mlflow_can_open_is_accepted(uri):
+    stores.check_tracking_uri(uri)
+    assert MlflowConf(tracking_uri=uri).tracking_uri == uri
+
+
+@pytest.mark.parametrize(
+    ("uri", "shown", "hint"),
+    [
+        ("ftp://u:secret@x/y", "'ftp://u:***@x/y'", ""),
+        ("mlruns", "'mlruns'", "MLflow's file store"),
+        ("file:///tmp/mlruns", "'file:///tmp/mlruns'", "MLflow's file store"),
+        ("postgres://u@db/x", "'postgres://u@db/x'", ""),
+    ],
+)
+def test_a_store_mlflow_cannot_open_is_a_config_error_naming_it(uri, shown, hint):
+    with pytest.raises(ValueError) as e:
+        MlflowConf(tracking_uri=uri)
+    message = str(e.value)
+    assert message.startswith(f"mlflow.tracking_uri {shown} is not a store MLflow can open")
+    assert hint in message
+    assert "sqlite:///mlruns/mlflow.db" in message and "http://host:5000" in message
+    assert "secret" not in message
+
+
+def test_a_tracking_server_that_answers_health_passes():
+    for status in (200, 401, 403):  # 401/403: it wants the credentials MLflow sends
+        with http_server(status) as (url, asked):
+            stores.check_reachable(url, "MLflow tracking store")
+            stores.check_reachable(url + "/", "MLflow tracking store")
+        assert asked == ["/health", "/health"], status
+
+
+def test_a_server_that_is_not_mlflow_is_an_error_naming_its_answer():
+    with http_server(404) as (url, _), pytest.raises(stores.Unreachable) as e:
+        stores.check_reachable(url, "MLflow tracking store")
+    assert str(e.value) == (
+        f"the MLflow tracking store at {url} answers {url}/health with HTTP 404 Not Found: "
+        "it is not an MLflow tracking server, or not a running one"
+    )
+
+
+def test_a_tracking_server_that_does_not_answer_is_an_error_in_seconds():
+    url = f"http://127.0.0.1:{closed_port()}"
+    start = time.monotonic()
+    with pytest.raises(stores.Unreachable) as e:
+        stores.check_reachable(url, "MLflow tracking store")
+    assert time.monotonic() - start < stores.CONNECT_TIMEOUT
+    assert str(e.value).startswith(f"the MLflow tracking store at {url} does not answer (")
+    assert "refused" in str(e.value)
+
+
+def test_a_listening_server_that_never_answers_fails_after_the_timeout():
+    with socket.socket() as s:  # accepts connections (the backlog) and never answers
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+        start = time.monotonic()
+        with pytest.raises(stores.Unreachable, match="does not answer .*timed out"):
+            stores.check_reachable(url, "MLflow tracking store", timeout=0.5)
+        assert time.monotonic() - start < 5
+
+
+def test_a_local_file_is_not_checked(tmp_path):
+    db = tmp_path / "sub" / "m.db"
+    stores.check_reachable(f"sqlite:///{db}", "MLflow tracking store")
+    assert not (tmp_path / "sub").exists()
+
+
+def test_a_database_server_that_refuses_is_an_error_naming_it_without_its_password():
+    pytest.importorskip("psycopg")  # the postgres extra; CI installs it
+    port = closed_port()
+    with pytest.raises(stores.Unreachable) as e:
+        stores.check_reachable(
+            f"postgresql+psycopg://u:secret@127.0.0.1:{port}/db",
+            "Optuna storage",
+            shown=f"postgresql://u:secret@127.0.0.1:{port}/db",
+        )
+    message = str(e.value)
+    assert message.startswith(
+        f"cannot connect to the Optuna storage at postgresql://u:***@127.0.0.1:{port}/db: "
+    )
+    assert "refused" in message and "secret" not in message
+
+
+def test_a_database_without_its_driver_is_an_error_naming_it():
+    if importlib.util.find_spec("MySQLdb") is not None:
+        pytest.skip("a MySQL driver is installed here")
+    with pytest.raises(stores.Unreachable) as e:
+        stores.check_reachable("mysql://u@127.0.0.1/db", "MLflow tracking store")
+    assert str(e.value).startswith(
+        "no database driver for the MLflow tracking store at mysql://u@127.0.0.1/db: "
+    )
+    assert "MySQLdb" in str(e.value)
+
+
+def test_a_search_with_an_unreachable_store_stops_before_the_study(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    url = f"http://127.0.0.1:{closed_port()}"
+    assert optuna_search.main([f"mlflow.tracking_uri={url}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: the MLflow tracking store at {url} does not answer")
+    assert list(tmp_path.iterdir()) == []  # no journal, no store, no worker's files
+    if importlib.util.find_spec("psycopg") is not None:
+        storage = f"postgresql://u:pw@127.0.0.1:{closed_port()}/optuna"
+        assert optuna_search.main([f"storage={storage}"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: cannot connect to the Optuna storage at postgresql://u:***@")
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_a_search_with_a_uri_mlflow_cannot_open_is_a_config_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert optuna_search.main(["mlflow.tracking_uri=ftp://x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: invalid search config: mlflow.tracking_uri 'ftp://x' is not a")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "main",
+    [
+        lambda uri: compare.main(["--by", "optimizer", "--tracking-uri", uri, "--no-log"]),
+        lambda uri: diff.main(["a", "b", "--tracking-uri", uri]),
+        lambda uri: reproduce.main(["a", "--tracking-uri", uri]),
+        lambda uri: sources.main(["--tracking-uri", uri]),
+    ],
+    ids=["compare", "diff", "reproduce", "sources"],
+)
+def test_the_run_readers_check_their_store_first(main, capsys):
+    url = f"http://127.0.0.1:{closed_port()}"
+    assert main(url) == 2
+    assert capsys.readouterr().err.startswith(f"error: the MLflow tracking store at {url} does")
+    assert main("mlruns") == 2
+    assert capsys.readouterr().err.startswith("error: --tracking-uri 'mlruns' is not a store")
