@@ -406,3 +406,24 @@ def test_seeds_launches_the_repeats_then_compares(mlflow_store, tmp_path, monkey
     assert done.returncode == 0, done.stderr[-3000:]
     assert "4 runs grouped by optimizer" in done.stdout
     assert "paired (n=2)" in done.stdout
+
+
+def test_an_out_folder_it_cannot_make_stops_it_before_the_repeats(tmp_path, monkeypatch, capsys):
+    from sweeps import compare
+
+    monkeypatch.setattr(compare, "launch_repeats", lambda *a: pytest.fail("the repeats ran"))
+    monkeypatch.setattr(compare, "compare", lambda **k: pytest.fail("the comparison ran"))
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    args = ["--by", "optimizer", "--seeds", "2", "--out", str(taken / "sub"), "--", "seed=1"]
+    with pytest.raises(SystemExit) as e:
+        compare.main(args)
+    assert e.value.code == 2
+    assert f"--out {taken / 'sub'}: cannot make the folder (Not a directory)" in (
+        capsys.readouterr().err
+    )
+    made = tmp_path / "new" / "out"
+    monkeypatch.setattr(compare, "compare", lambda **k: pytest.fail("compared"))
+    with pytest.raises(pytest.fail.Exception, match="compared"):
+        compare.main(["--by", "optimizer", "--out", str(made), "--tracking-uri", "sqlite:///x"])
+    assert made.is_dir()  # made up front

@@ -45,6 +45,7 @@ import argparse
 import itertools
 import logging
 import math
+import os
 import re
 import subprocess
 import sys
@@ -831,6 +832,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     sweep_id = args.sweep_id
     if args.overrides and args.seeds is None:
         parser.error("overrides are only used with --seeds N")
+    if args.out:  # before the repeats and the comparison, not after them
+        try:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            parser.error(f"--out {args.out}: cannot make the folder ({e.strerror})")
+        if not os.access(args.out, os.W_OK):
+            parser.error(f"--out {args.out}: cannot write into the folder")
     try:
         stores.check_tracking_store(uri, "--tracking-uri")
         if args.seeds is not None:
