@@ -6,6 +6,13 @@ template database is made per test session and copied for each test that needs a
 
 from __future__ import annotations
 
+import os
+
+# No network at test time: MLflow's usage telemetry is off where it sees CI=true, but a
+# developer's plain `python -m pytest` would start its client when the test modules import
+# MLflow (collection, before PYTEST_CURRENT_TEST is set) and fetch its config over the network.
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path

@@ -570,3 +570,11 @@ def test_an_interrupt_swallowed_by_a_finalizer_still_stops_training(sig, where):
         train(tracking.InterruptCheck())
     assert seen[-1] == (2 if where == "batch" else 10)  # 10 batches an epoch
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_mlflow_telemetry_is_off_in_the_tests():
+    """No network at test time: the test process imported MLflow with its telemetry off,
+    whether or not CI=true is set (conftest)."""
+    from mlflow.telemetry.client import get_telemetry_client
+
+    assert get_telemetry_client() is None
