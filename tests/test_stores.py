@@ -113,7 +113,7 @@ def test_a_tracking_server_that_answers_health_passes():
 
 
 def test_a_server_that_is_not_mlflow_is_an_error_naming_its_answer():
-    with http_server(404) as (url, _), pytest.raises(stores.Unreachable) as e:
+    with http_server(404) as (url, _), pytest.raises(stores.StoreError) as e:
         stores.check_reachable(url, "MLflow tracking store")
     assert str(e.value) == (
         f"the MLflow tracking store at {url} answers {url}/health with HTTP 404 Not Found: "
@@ -124,7 +124,7 @@ def test_a_server_that_is_not_mlflow_is_an_error_naming_its_answer():
 def test_a_tracking_server_that_does_not_answer_is_an_error_in_seconds():
     url = f"http://127.0.0.1:{closed_port()}"
     start = time.monotonic()
-    with pytest.raises(stores.Unreachable) as e:
+    with pytest.raises(stores.StoreError) as e:
         stores.check_reachable(url, "MLflow tracking store")
     assert time.monotonic() - start < stores.CONNECT_TIMEOUT
     assert str(e.value).startswith(f"the MLflow tracking store at {url} does not answer (")
@@ -137,21 +137,32 @@ def test_a_listening_server_that_never_answers_fails_after_the_timeout():
         s.listen()
         url = f"http://127.0.0.1:{s.getsockname()[1]}"
         start = time.monotonic()
-        with pytest.raises(stores.Unreachable, match="does not answer .*timed out"):
+        with pytest.raises(stores.StoreError, match="does not answer .*timed out"):
             stores.check_reachable(url, "MLflow tracking store", timeout=0.5)
         assert time.monotonic() - start < 5
 
 
-def test_a_local_file_is_not_checked(tmp_path):
+def test_a_local_files_folder_is_made_and_checked(tmp_path):
     db = tmp_path / "sub" / "m.db"
-    stores.check_reachable(f"sqlite:///{db}", "MLflow tracking store")
-    assert not (tmp_path / "sub").exists()
+    stores.check_reachable(f"sqlite:///{db}?timeout=60", "MLflow tracking store")
+    assert (tmp_path / "sub").is_dir() and not db.exists()  # the store makes the file
+    stores.check_reachable("sqlite:///:memory:", "MLflow tracking store")
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    with pytest.raises(stores.StoreError) as e:
+        stores.check_reachable(f"sqlite:///{taken}/m.db", "MLflow tracking store")
+    assert str(e.value) == (
+        f"cannot make the folder of the MLflow tracking store at sqlite:///{taken}/m.db: "
+        f"File exists ({taken})"
+    )
+    with pytest.raises(stores.StoreError, match=r"storage at sqlite:///.*sub is a folder, not"):
+        stores.check_reachable(f"sqlite:///{tmp_path / 'sub'}", "Optuna storage")
 
 
 def test_a_database_server_that_refuses_is_an_error_naming_it_without_its_password():
     pytest.importorskip("psycopg")  # the postgres extra; CI installs it
     port = closed_port()
-    with pytest.raises(stores.Unreachable) as e:
+    with pytest.raises(stores.StoreError) as e:
         stores.check_reachable(
             f"postgresql+psycopg://u:secret@127.0.0.1:{port}/db",
             "Optuna storage",
@@ -167,7 +178,7 @@ def test_a_database_server_that_refuses_is_an_error_naming_it_without_its_passwo
 def test_a_database_without_its_driver_is_an_error_naming_it():
     if importlib.util.find_spec("MySQLdb") is not None:
         pytest.skip("a MySQL driver is installed here")
-    with pytest.raises(stores.Unreachable) as e:
+    with pytest.raises(stores.StoreError) as e:
         stores.check_reachable("mysql://u@127.0.0.1/db", "MLflow tracking store")
     assert str(e.value).startswith(
         "no database driver for the MLflow tracking store at mysql://u@127.0.0.1/db: "
@@ -181,13 +192,27 @@ def test_a_search_with_an_unreachable_store_stops_before_the_study(tmp_path, mon
     assert optuna_search.main([f"mlflow.tracking_uri={url}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: the MLflow tracking store at {url} does not answer")
-    assert list(tmp_path.iterdir()) == []  # no journal, no store, no worker's files
+    made = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")}
+    assert made == {"mlruns", "mlruns/optuna"}  # the journal's folder: no journal, no store
     if importlib.util.find_spec("psycopg") is not None:
         storage = f"postgresql://u:pw@127.0.0.1:{closed_port()}/optuna"
         assert optuna_search.main([f"storage={storage}"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: cannot connect to the Optuna storage at postgresql://u:***@")
-        assert list(tmp_path.iterdir()) == []
+        assert {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")} == made
+
+
+def test_a_search_whose_journal_cannot_be_made_stops_before_the_study(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mlruns").write_text("")  # where the default journal's folder would go
+    assert optuna_search.main(["mlflow.enabled=false"]) == 2
+    assert capsys.readouterr().err == (
+        "error: cannot make the folder of the Optuna storage at mlruns/optuna/journal.log: "
+        "Not a directory (mlruns/optuna)\n"
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["mlruns"]
 
 
 def test_a_search_with_a_uri_mlflow_cannot_open_is_a_config_error(tmp_path, monkeypatch, capsys):

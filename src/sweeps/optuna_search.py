@@ -48,6 +48,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import open_dict
@@ -647,15 +648,19 @@ USAGE = __doc__.split("Hydra stops here")[0]
 
 
 def check_stores(cfg: S.SearchConfig) -> None:
-    """SearchError unless the study's database server and the MLflow tracking store answer
-    (a local file is not checked): before the study is opened or a worker started. Its
-    workers skip it: their launcher, here or on another machine, has checked."""
+    """SearchError unless the study's storage and the MLflow tracking store can be used (a
+    server answers, a local file's folder can be made): before the study is opened or a
+    worker started. Its workers skip it: their launcher, here or on another machine, has
+    checked."""
+    storage = cfg.storage or S.DEFAULT_JOURNAL
     try:
-        if cfg.storage and not S.is_journal(cfg.storage):
-            stores.check_reachable(S.rdb_url(cfg.storage), "Optuna storage", shown=cfg.storage)
+        if S.is_journal(storage):
+            stores.check_file(Path(storage), f"the Optuna storage at {storage}")
+        else:
+            stores.check_reachable(S.rdb_url(storage), "Optuna storage", shown=storage)
         if cfg.mlflow.enabled:
             stores.check_reachable(cfg.mlflow.tracking_uri, "MLflow tracking store")
-    except stores.Unreachable as e:
+    except stores.StoreError as e:
         raise S.SearchError(str(e)) from None
 
 

@@ -405,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:
         stores.check_tracking_store(args.tracking_uri or default_tracking_uri(), "--tracking-uri")
-    except (ValueError, stores.Unreachable) as e:
+    except (ValueError, stores.StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:

@@ -229,7 +229,7 @@ def _hydra_main(dcfg: DictConfig) -> float | None:
     if cfg.mlflow.enabled:
         try:
             stores.check_reachable(cfg.mlflow.tracking_uri, "MLflow tracking store")
-        except stores.Unreachable as e:
+        except stores.StoreError as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
     multirun = hc.mode == RunMode.MULTIRUN

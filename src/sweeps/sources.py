@@ -477,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_block(args.readme, README_BLOCK)
     try:
         stores.check_tracking_store(args.tracking_uri, "--tracking-uri")
-    except (ValueError, stores.Unreachable) as e:
+    except (ValueError, stores.StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

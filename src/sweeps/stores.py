@@ -9,10 +9,13 @@ traceback, after the run has been set up.
 
 from __future__ import annotations
 
+import math
+import os
 import re
 import ssl
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 CONNECT_TIMEOUT = 10  # seconds a server has to answer the check
 DATABASES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow's SQL stores
@@ -20,8 +23,9 @@ SERVERS = ("http", "https")  # an MLflow tracking server
 TRACKING_SCHEMES = (*DATABASES, *SERVERS, "databricks")
 
 
-class Unreachable(RuntimeError):
-    """A store's server could not be reached."""
+class StoreError(RuntimeError):
+    """A store that cannot be used: its server does not answer or is not what the URI says,
+    its database driver is missing, or its local file cannot be made."""
 
 
 def scheme(uri: str) -> str:
@@ -30,6 +34,17 @@ def scheme(uri: str) -> str:
     if not sep and uri.startswith("databricks"):  # "databricks" or "databricks://profile"
         return "databricks"
     return head.split("+", 1)[0].lower() if sep else ""
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (``sqlite:///mlruns/mlflow.db`` relative,
+    ``sqlite:////tmp/mlflow.db`` absolute), without its query string (``?timeout=60``).
+    None for an in-memory database (``sqlite:///:memory:``, ``sqlite:///``) and for any
+    other URI. Shared by the MLflow store and the Optuna storage."""
+    if uri.startswith("sqlite:///"):
+        path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+        return Path(path) if path and path != ":memory:" else None
+    return None
 
 
 def redact(url: str) -> str:
@@ -64,18 +79,37 @@ def check_tracking_store(uri: str, name: str = "mlflow.tracking_uri") -> None:
 def check_reachable(
     uri: str, what: str, timeout: float = CONNECT_TIMEOUT, shown: str | None = None
 ) -> None:
-    """Raise ``Unreachable`` unless the server behind ``uri`` answers within ``timeout``
-    seconds: a tracking server its ``/health`` request (every MLflow server answers it; a
-    server that asks for credentials passes, as MLflow's own calls send them), a database
-    server a connection. A local SQLite file and anything else are not checked. ``what`` names the
+    """Raise ``StoreError`` unless the store behind ``uri`` can be used: a tracking server
+    answers its ``/health`` request within ``timeout`` seconds (every MLflow server answers
+    it; one that asks for credentials passes, as MLflow's own calls send them), a database
+    server a connection, and a local SQLite file's folder can be made. ``what`` names the
     store in the message (``MLflow tracking store``, ``Optuna storage``), ``shown`` the URI
     to name there (the one the user gave, when ``uri`` names its driver); never a password."""
     kind = scheme(uri)
     where = f"the {what} at {redact(shown or uri)}"
     if kind in SERVERS:
         _check_http(uri, where, timeout)
-    elif kind in DATABASES and kind != "sqlite":
+    elif kind == "sqlite":
+        db = sqlite_path(uri)
+        if db is not None:  # None: in memory
+            check_file(db, where)
+    elif kind in DATABASES:
         _check_database(uri, where, timeout)
+
+
+def check_file(path: Path, where: str) -> None:
+    """``StoreError`` unless a store's local file at ``path`` is a file or can be made: its
+    folder made now (the store would make it), writable, and ``path`` not a folder."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(
+            f"cannot make the folder of {where}: {e.strerror} ({e.filename})"
+        ) from None
+    if path.is_dir():
+        raise StoreError(f"{where} is a folder, not a file")
+    if not os.access(path.parent, os.W_OK):
+        raise StoreError(f"cannot write into the folder of {where} ({path.parent})")
 
 
 def _check_http(uri: str, where: str, timeout: float) -> None:
@@ -86,7 +120,7 @@ def _check_http(uri: str, where: str, timeout: float) -> None:
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):  # a server that wants credentials: MLflow sends them
             return
-        raise Unreachable(
+        raise StoreError(
             f"{where} answers {redact(health)} with HTTP {e.code} "
             f"{e.reason}: it is not an MLflow tracking server, or not a running one"
         ) from None
@@ -96,7 +130,7 @@ def _check_http(uri: str, where: str, timeout: float) -> None:
         reason: object = e.reason
     except (OSError, ValueError) as e:  # a timeout, a reset; a malformed URL
         reason = e
-    raise Unreachable(
+    raise StoreError(
         f"{where} does not answer ({reason}); start it (mlflow server "
         "--port 5000 --backend-store-uri sqlite:///mlruns/mlflow.db) or use a store that "
         "runs"
@@ -107,18 +141,20 @@ def _check_database(uri: str, where: str, timeout: float) -> None:
     import sqlalchemy
     from sqlalchemy.pool import NullPool
 
-    connect_args = {"connect_timeout": int(timeout)} if scheme(uri) != "mssql" else {}
+    # libpq and MySQL take whole seconds (0: wait for ever)
+    seconds = max(1, math.ceil(timeout))
+    connect_args = {"connect_timeout": seconds} if scheme(uri) != "mssql" else {}
     try:
         engine = sqlalchemy.create_engine(uri, poolclass=NullPool, connect_args=connect_args)
     except (ImportError, sqlalchemy.exc.NoSuchModuleError) as e:
         extra = " (pip install 'sweeps[postgres]')" if scheme(uri) == "postgresql" else ""
-        raise Unreachable(f"no database driver for {where}: {e}{extra}") from None
+        raise StoreError(f"no database driver for {where}: {e}{extra}") from None
     try:
         with engine.connect():
             return
     except sqlalchemy.exc.SQLAlchemyError as e:
         orig = getattr(e, "orig", None) or e
         reason = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
-        raise Unreachable(f"cannot connect to {where}: {reason}") from None
+        raise StoreError(f"cannot connect to {where}: {reason}") from None
     finally:
         engine.dispose()

@@ -43,6 +43,7 @@ import numpy as np
 import sweeps
 from sweeps import writer
 from sweeps.locks import flock
+from sweeps.stores import sqlite_path
 from sweeps.train import Callback, DivergedError, History
 
 log = logging.getLogger(__name__)
@@ -227,17 +228,6 @@ def _source_tags() -> tuple[tuple[str, str], ...]:
     if commit != "unknown":
         tags["mlflow.source.git.commit"] = commit
     return tuple(tags.items())
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI (``sqlite:///mlruns/mlflow.db`` relative,
-    ``sqlite:////tmp/mlflow.db`` absolute), without its query string (``?timeout=60``).
-    None for an in-memory database (``sqlite:///:memory:``, ``sqlite:///``) and for any
-    other URI. Shared by the MLflow store and the Optuna storage."""
-    if uri.startswith("sqlite:///"):
-        path = uri.removeprefix("sqlite:///").split("?", 1)[0]
-        return Path(path) if path and path != ":memory:" else None
-    return None
 
 
 def local_store_paths(tracking_uri: str) -> None:
