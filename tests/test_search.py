@@ -624,6 +624,19 @@ def test_duplicates_are_never_trained_and_an_exhausted_space_ends_the_round(tmp_
     assert len(trial_runs) == 4  # duplicates never reach training
 
 
+def test_an_interrupted_untracked_search_claims_no_runs(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(S.Search, "work", interrupted)
+    store = {"uri": f"sqlite:///{tmp_path / 'unused.db'}", "artifacts": str(tmp_path / "art")}
+    args = tiny_args(str(tmp_path / "j.log"), store, study="i")
+    assert main([*args, "mlflow.enabled=false"]) == 130
+    assert capsys.readouterr().err.endswith(
+        "interrupted (Ctrl-C); running trials are marked FAIL; rerun the same command to resume\n"
+    )
+
+
 def test_a_fresh_study_is_reproducible_and_runs_without_mlflow(tmp_path):
     """Seeded samplers (Optuna 5's TPE defaults made explicit): the same command on a fresh
     storage proposes the same trials, round 2's TPE included."""
@@ -845,7 +858,7 @@ def test_sigterm_stops_workers_cleanly_and_a_rerun_resumes(tmp_path, mlflow_stor
         proc.kill()
         proc.wait()
     assert (
-        "interrupted (received signal 15); running trials are marked FAIL"
+        "interrupted (received signal 15); running trials are marked FAIL and their runs KILLED;"
         in (tmp_path / "first.log").read_text()
     )
     trials = load_study(storage, "term").get_trials(deepcopy=False)

@@ -591,9 +591,10 @@ def study_main(search: S.Search, argv: Sequence[str], start: float, resumed: boo
             code, status, message = 1, "FAILED", f"search stopped: {e}"
         except KeyboardInterrupt as e:
             code, status = EXIT_INTERRUPTED, "KILLED"
+            runs = " and their runs KILLED" if search.tracking else ""
             message = (
-                f"interrupted ({str(e) or 'Ctrl-C'}); running trials are marked FAIL and their "
-                "runs KILLED; rerun the same command to resume"
+                f"interrupted ({str(e) or 'Ctrl-C'}); running trials are marked FAIL{runs}; "
+                "rerun the same command to resume"
             )
     progress.close()
     with S._signals_ignored():
