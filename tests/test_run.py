@@ -28,6 +28,7 @@ from sweeps.config import GROUPS, conf_dir, validate
 from sweeps.run import execute
 from sweeps.tracking import (
     FAILURE_TAG,
+    PROCESS_TAG,
     Terminated,
     flatten,
     open_run,
@@ -334,6 +335,49 @@ def _wait_for_running(store: dict[str, str], proc: subprocess.Popen, timeout: fl
         time.sleep(0.2)
     proc.kill()
     pytest.fail("the run never showed up as RUNNING")
+
+
+@pytest.mark.slow
+def test_a_run_whose_process_was_killed_is_ended_by_the_next_run(tmp_path, mlflow_store):
+    """SIGKILL lets no process end its run: the next sweeps.run on this machine ends it
+    KILLED. A live run, a search's run and a run of another machine are left RUNNING."""
+    long_run = ["data=synthetic", "trainer.epochs=100000", NO_FIGURES]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    killed = start(long_run, tmp_path / "a", mlflow_store)
+    dead_id = _wait_for_running(mlflow_store, killed)
+    alive = start(long_run, tmp_path / "b", mlflow_store)
+    deadline = time.monotonic() + 90
+    while len([r for r in all_runs(mlflow_store) if r.info.status == "RUNNING"]) < 2:
+        assert time.monotonic() < deadline and alive.poll() is None, "no second run"
+        time.sleep(0.2)
+    alive_id = next(r.info.run_id for r in all_runs(mlflow_store) if r.info.run_id != dead_id)
+    killed.kill()
+    killed.wait()
+    client = MlflowClient(tracking_uri=mlflow_store["uri"])
+    dead_tags = client.get_run(dead_id).data.tags
+    assert client.get_run(dead_id).info.status == "RUNNING"
+    exp = client.get_experiment_by_name("sweeps").experiment_id
+    space, pid, started = dead_tags[PROCESS_TAG].rsplit("/", 2)
+    others = {
+        "search": {PROCESS_TAG: dead_tags[PROCESS_TAG], "sweeps.role": "trial"},
+        "elsewhere": {PROCESS_TAG: f"another-boot/1/{pid}/{started}"},
+    }
+    kept = {k: client.create_run(exp, tags=tags).info.run_id for k, tags in others.items()}
+
+    result = run(["data=synthetic", "trainer.epochs=1", NO_FIGURES], tmp_path, mlflow_store)
+    assert result.returncode == 0, result.stderr
+    assert f"run {dead_id} was left RUNNING by a process that died: ended KILLED" in (
+        result.stdout + result.stderr
+    )
+    dead = client.get_run(dead_id)
+    assert dead.info.status == "KILLED" and dead.info.end_time is not None
+    assert dead.data.tags[FAILURE_TAG] == f"its process ({pid}) died without ending it"
+    for run_id in (alive_id, *kept.values()):
+        assert client.get_run(run_id).info.status == "RUNNING", run_id
+    alive.send_signal(signal.SIGINT)
+    assert finish(alive, timeout=60).returncode == 130
+    assert client.get_run(alive_id).info.status == "KILLED"
 
 
 @pytest.mark.slow

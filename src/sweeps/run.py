@@ -227,11 +227,19 @@ def _hydra_main(dcfg: DictConfig) -> float | None:
         print(f"error: invalid config: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     if cfg.mlflow.enabled:
+        m = cfg.mlflow
         try:
-            stores.check_reachable(cfg.mlflow.tracking_uri, "MLflow tracking store")
+            stores.check_reachable(m.tracking_uri, "MLflow tracking store")
         except stores.StoreError as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
+        try:
+            dead = tracking.end_dead_runs(m.tracking_uri, m.experiment_name, m.artifact_root)
+        except Exception as e:  # housekeeping: it does not stop this run
+            log.warning("could not look for runs left RUNNING by dead processes: %s", e)
+            dead = []
+        for run_id in dead:
+            log.warning("run %s was left RUNNING by a process that died: ended KILLED", run_id)
     multirun = hc.mode == RunMode.MULTIRUN
     if cfg.sweep_id is None and multirun:
         cfg.sweep_id = sweep_id_for(hc)

@@ -56,7 +56,6 @@ import math
 import os
 import re
 import signal
-import socket
 import threading
 import time
 import warnings
@@ -76,6 +75,7 @@ from sweeps.config import (
     interrupts_unwrapped,
     register_schemas,
 )
+from sweeps.procs import hostname, process_alive, process_start
 from sweeps.stores import redact
 from sweeps.tracking import sqlite_path
 from sweeps.train import Callback
@@ -769,37 +769,6 @@ def make_lock(storage: str, study_name: str):
         "no cross-process lock for %s: parallel workers may overshoot the budget", redact(url)
     )
     return NoLock()
-
-
-# -- processes -------------------------------------------------------------------------------
-
-
-def process_start(pid: int) -> str:
-    """The start time of a process (clock ticks since boot, Linux), to tell a reused pid
-    from the original process; empty when unknown."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
-
-
-def process_alive(pid: int, started: str = "") -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    if started:
-        now = process_start(pid)
-        if now and now != started:
-            return False  # the pid was reused by another process
-    return True
-
-
-def hostname() -> str:
-    return socket.gethostname()
 
 
 # -- trial bookkeeping -----------------------------------------------------------------------

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 import sweeps
-from sweeps import writer
+from sweeps import procs, writer
 from sweeps.locks import flock
 from sweeps.stores import sqlite_path
 from sweeps.train import Callback, DivergedError, History
@@ -49,6 +49,7 @@ from sweeps.train import Callback, DivergedError, History
 log = logging.getLogger(__name__)
 
 FAILURE_TAG = writer.FAILURE_TAG  # the reason a run ended FAILED or KILLED
+PROCESS_TAG = "host_process"  # procs.process_id() of the process that made the run
 BACKGROUND_GRACE = 60.0  # seconds a failed run waits for its artifacts before it is ended
 METRICS_FLUSH_SECONDS = 5.0  # buffered metrics reach the store at least this often
 
@@ -844,5 +845,36 @@ def environment_tags() -> dict[str, str]:
         "numpy_version": np.__version__,
         "platform": platform.platform(),
         "host_pid": str(os.getpid()),
+        PROCESS_TAG: procs.process_id(),  # which process, to tell later whether it died
         **git_state(),
     }
+
+
+def end_dead_runs(tracking_uri: str, experiment_name: str, artifact_root: str) -> list[str]:
+    """End KILLED, with the reason in ``sweeps.failure``, the runs of this experiment left
+    RUNNING by a ``sweeps.run`` process of this machine that is gone: killed with SIGKILL or
+    by the kernel's OOM killer, or crashed in the interpreter, none of which lets a process
+    end its run. Only processes of this machine's current boot and pid namespace are judged
+    (``procs.dead_here``): a run of another machine or container sharing the store, or from
+    before a reboot, is left as it is. Search runs (tag ``sweeps.role``) are left to the
+    search, which knows their trials' states. Returns the ids of the runs it ended."""
+    space = procs.process_id().rsplit("/", 2)[0]
+    if not space:
+        return []
+    client = get_client(tracking_uri)
+    exp_id = ensure_experiment(client, experiment_name, artifact_root, tracking_uri)
+    runs = client.search_runs(
+        [exp_id],
+        f"attributes.status = 'RUNNING' AND tags.{PROCESS_TAG} LIKE '{space}/%'",
+        max_results=1000,
+    )
+    ended = []
+    for run in runs:
+        tags = run.data.tags
+        if "sweeps.role" in tags or not procs.dead_here(tags.get(PROCESS_TAG, "")):
+            continue
+        pid = tags.get("host_pid", "?")
+        client.set_tag(run.info.run_id, FAILURE_TAG, f"its process ({pid}) died without ending it")
+        client.set_terminated(run.info.run_id, status="KILLED")
+        ended.append(run.info.run_id)
+    return ended

@@ -1,0 +1,71 @@
+"""Which process, on which machine: to tell whether the process that left a record (a
+trial, a run) is still alive."""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+from pathlib import Path
+
+
+def hostname() -> str:
+    return socket.gethostname()
+
+
+def process_start(pid: int) -> str:
+    """The start time of a process (clock ticks since boot, Linux), to tell a reused pid
+    from the original process; empty when unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def process_alive(pid: int, started: str = "") -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    if started:
+        now = process_start(pid)
+        if now and now != started:
+            return False  # the pid was reused by another process
+    return True
+
+
+@functools.cache
+def _pid_space() -> str:
+    """This boot of this kernel and this process's pid namespace: where a pid names one
+    process. Two machines, or one before and after a reboot, differ in their boot id;
+    containers on one kernel share it but not their pid namespace. Empty when unknown."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        ns = os.readlink("/proc/self/ns/pid")  # pid:[4026531836]
+    except OSError:
+        return ""
+    return f"{boot}/{ns.removeprefix('pid:[').removesuffix(']')}"
+
+
+def process_id(pid: int | None = None) -> str:
+    """``<boot id>/<pid namespace>/<pid>/<start time>``: a process, unambiguous across
+    machines, reboots, containers and reused pids; empty where /proc does not tell."""
+    pid = os.getpid() if pid is None else pid
+    space, start = _pid_space(), process_start(pid)
+    return f"{space}/{pid}/{start}" if space and start else ""
+
+
+def dead_here(ident: str) -> bool:
+    """True only when ``ident`` (``process_id``) names a process in this machine's current
+    boot and this pid namespace that is no longer running. Anything else (another machine,
+    an earlier boot, another container, an unreadable id) is not known to be dead."""
+    space = _pid_space()
+    if not space or not ident.startswith(space + "/"):
+        return False
+    pid, _, start = ident.removeprefix(space + "/").partition("/")
+    if not (pid.isdigit() and start):
+        return False
+    return not process_alive(int(pid), start)
