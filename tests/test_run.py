@@ -272,6 +272,13 @@ BAD_INPUT = {
     "trainer.batch_size=0": [
         "error: invalid config: trainer.batch_size must be an integer >= 1, got 0"
     ],
+    "data.val_fraction=0.9999": [
+        "error: invalid config: data.val_fraction=0.9999 of 600 training samples gives 600 "
+        "validation and 0 training samples; both must be >= 1"
+    ],
+    "mlflow.experiment_name=": [
+        "error: invalid config: mlflow.experiment_name must be a non-empty name, got ''"
+    ],
 }
 
 
@@ -300,6 +307,10 @@ def test_a_store_it_cannot_use_stops_it_before_any_work(tmp_path):
             f"error: the MLflow tracking store at http://127.0.0.1:{port} does not answer ("
         ),
         "mlflow.tracking_uri=ftp://x": "error: invalid config: mlflow.tracking_uri 'ftp://x' is",
+        "mlflow.artifact_root=/proc/sweeps/artifacts": (
+            "error: cannot make mlflow.artifact_root /proc/sweeps/artifacts: No such file or "
+            "directory (/proc/sweeps)"
+        ),
     }
     procs = {}
     for i, bad in enumerate(cases):

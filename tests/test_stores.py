@@ -239,3 +239,17 @@ def test_the_run_readers_check_their_store_first(main, capsys):
     assert capsys.readouterr().err.startswith(f"error: the MLflow tracking store at {url} does")
     assert main("mlruns") == 2
     assert capsys.readouterr().err.startswith("error: --tracking-uri 'mlruns' is not a store")
+
+
+def test_a_local_artifact_folder_is_made_or_named(tmp_path):
+    stores.check_artifact_root(str(tmp_path / "a" / "b"))
+    stores.check_artifact_root((tmp_path / "c").as_uri())
+    assert (tmp_path / "a" / "b").is_dir() and (tmp_path / "c").is_dir()
+    stores.check_artifact_root("s3://bucket/artifacts")  # not ours to check
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    with pytest.raises(stores.StoreError) as e:
+        stores.check_artifact_root(str(taken / "art"))
+    assert str(e.value) == (
+        f"cannot make mlflow.artifact_root {taken}/art: Not a directory ({taken}/art)"
+    )

@@ -21,6 +21,7 @@ from typing import Any, cast
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from sweeps.data import validation_size
 from sweeps.nn.init import Init
 from sweeps.optim import WeightDecay, make_optimizer
 from sweeps.stores import check_tracking_uri
@@ -328,6 +329,14 @@ class DataConf:
                     f"data.{key}={value} is more than the {available} samples {self.name} has; "
                     f"use null (all) or at most {available}"
                 )
+        n = self.train_size or sizes[0]
+        n_val = validation_size(n, self.val_fraction)
+        if self.val_fraction > 0 and not 1 <= n_val <= n - 1:
+            raise ValueError(
+                f"data.val_fraction={self.val_fraction} of {n} training samples gives {n_val} "
+                f"validation and {n - n_val} training samples; both must be >= 1 (raise "
+                "data.train_size or change data.val_fraction)"
+            )
         if self.validation not in VALIDATIONS:
             raise ValueError(
                 f"unknown data.validation {self.validation!r}; choose from {list(VALIDATIONS)}"
@@ -382,6 +391,10 @@ class MlflowConf:
 
     def __post_init__(self) -> None:
         check_tracking_uri(self.tracking_uri)
+        if not self.experiment_name.strip():
+            raise ValueError(
+                f"mlflow.experiment_name must be a non-empty name, got {self.experiment_name!r}"
+            )
         if self.batch_loss_every < 1:
             raise ValueError(f"mlflow.batch_loss_every must be >= 1, got {self.batch_loss_every!r}")
         if self.detail_metrics_every < 0:

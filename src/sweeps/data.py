@@ -933,6 +933,11 @@ def _split_digest(train: Dataset, test: Dataset, kept: int, n: int):
     return _data_digest(train, test, kept, n)
 
 
+def validation_size(n: int, val_fraction: float) -> int:
+    """How many of ``n`` training samples ``val_fraction`` holds out for validation."""
+    return int(round(float(val_fraction) * n))
+
+
 def make_splits(
     train: Dataset,
     test: Dataset,
@@ -982,7 +987,7 @@ def make_splits(
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
 
-    n_val = int(round(float(val_fraction) * n))
+    n_val = validation_size(n, val_fraction)
     if val_fraction > 0 and not 1 <= n_val <= n - 1:
         raise ValueError(
             f"val_fraction={val_fraction} of {n} samples gives {n_val} validation and "

@@ -112,6 +112,20 @@ def check_file(path: Path, where: str) -> None:
         raise StoreError(f"cannot write into the folder of {where} ({path.parent})")
 
 
+def check_artifact_root(root: str, name: str = "mlflow.artifact_root") -> None:
+    """``StoreError`` unless a local artifact folder (a path or ``file://``; where a local
+    store's new experiments keep their artifacts) can be made and written; made now."""
+    if scheme(root) not in ("", "file"):
+        return  # s3://, a server's own: not ours to check
+    path = Path(root.removeprefix("file://"))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"cannot make {name} {root}: {e.strerror} ({e.filename})") from None
+    if not os.access(path, os.W_OK):
+        raise StoreError(f"cannot write into {name} {root}")
+
+
 def _check_http(uri: str, where: str, timeout: float) -> None:
     health = f"{uri.rstrip('/')}/health"
     try:
