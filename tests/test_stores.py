@@ -253,3 +253,23 @@ def test_a_local_artifact_folder_is_made_or_named(tmp_path):
     assert str(e.value) == (
         f"cannot make mlflow.artifact_root {taken}/art: Not a directory ({taken}/art)"
     )
+
+
+@pytest.mark.parametrize(
+    "main",
+    [
+        lambda uri: compare.main(["--by", "optimizer", "--tracking-uri", uri, "--no-log"]),
+        lambda uri: diff.main(["a", "b", "--tracking-uri", uri]),
+        lambda uri: reproduce.main(["a", "--tracking-uri", uri]),
+        lambda uri: sources.main(["--tracking-uri", uri]),
+    ],
+    ids=["compare", "diff", "reproduce", "sources"],
+)
+def test_the_run_readers_make_no_store_where_there_is_none(main, tmp_path, capsys):
+    db = tmp_path / "typo" / "mlflow.db"
+    assert main(f"sqlite:///{db}") == 2
+    assert capsys.readouterr().err == (
+        f"error: no MLflow store at sqlite:///{db}: {db} does not exist (record runs with "
+        "sweeps.run first, or give --tracking-uri of a store that has them)\n"
+    )
+    assert list(tmp_path.iterdir()) == []

@@ -840,7 +840,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not os.access(args.out, os.W_OK):
             parser.error(f"--out {args.out}: cannot write into the folder")
     try:
-        stores.check_tracking_store(uri, "--tracking-uri")
+        stores.check_tracking_store(uri, "--tracking-uri", read=args.seeds is None)
         if args.seeds is not None:
             if not by:
                 by = [k for k in sweep_keys(args.overrides) if k != "seed"]

@@ -362,7 +362,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        stores.check_tracking_store(args.tracking_uri or default_tracking_uri(), "--tracking-uri")
+        stores.check_tracking_store(
+            args.tracking_uri or default_tracking_uri(), "--tracking-uri", read=True
+        )
         d = diff_runs(args.run_a, args.run_b, args.tracking_uri, args.metrics or ("*",))
     except Exception as e:  # an unknown run id, an unreachable store
         print(f"error: {e}", file=sys.stderr)

@@ -404,7 +404,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:
-        stores.check_tracking_store(args.tracking_uri or default_tracking_uri(), "--tracking-uri")
+        stores.check_tracking_store(
+            args.tracking_uri or default_tracking_uri(), "--tracking-uri", read=True
+        )
     except (ValueError, stores.StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -476,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.readme:
         check_block(args.readme, README_BLOCK)
     try:
-        stores.check_tracking_store(args.tracking_uri, "--tracking-uri")
+        stores.check_tracking_store(args.tracking_uri, "--tracking-uri", read=True)
     except (ValueError, stores.StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

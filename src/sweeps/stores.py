@@ -69,10 +69,17 @@ def check_tracking_uri(uri: str, name: str = "mlflow.tracking_uri") -> None:
     )
 
 
-def check_tracking_store(uri: str, name: str = "mlflow.tracking_uri") -> None:
+def check_tracking_store(uri: str, name: str = "mlflow.tracking_uri", read: bool = False) -> None:
     """``check_tracking_uri``, then ``check_reachable``: what a command that reads or writes
-    runs checks first."""
+    runs checks first. ``read``: it only reads runs, so a local SQLite store must exist
+    (opening a missing one would make an empty store where the user mistyped a path)."""
     check_tracking_uri(uri, name)
+    db = sqlite_path(uri)
+    if read and db is not None and not db.is_file():
+        raise StoreError(
+            f"no MLflow store at {uri}: {db} does not exist (record runs with sweeps.run "
+            f"first, or give {name} of a store that has them)"
+        )
     check_reachable(uri, "MLflow tracking store")
 
 
