@@ -424,6 +424,8 @@ def test_an_out_folder_it_cannot_make_stops_it_before_the_repeats(tmp_path, monk
     )
     made = tmp_path / "new" / "out"
     monkeypatch.setattr(compare, "compare", lambda **k: pytest.fail("compared"))
+    db = tmp_path / "m.db"
+    db.write_text("")  # a store that exists (compare is stubbed: never opened)
     with pytest.raises(pytest.fail.Exception, match="compared"):
-        compare.main(["--by", "optimizer", "--out", str(made), "--tracking-uri", "sqlite:///x"])
+        compare.main(["--by", "optimizer", "--out", str(made), "--tracking-uri", f"sqlite:///{db}"])
     assert made.is_dir()  # made up front
