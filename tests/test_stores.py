@@ -223,7 +223,7 @@ def test_a_search_with_a_uri_mlflow_cannot_open_is_a_config_error(tmp_path, monk
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize(
+READERS = pytest.mark.parametrize(  # the commands that read runs, given a --tracking-uri
     "main",
     [
         lambda uri: compare.main(["--by", "optimizer", "--tracking-uri", uri, "--no-log"]),
@@ -233,6 +233,9 @@ def test_a_search_with_a_uri_mlflow_cannot_open_is_a_config_error(tmp_path, monk
     ],
     ids=["compare", "diff", "reproduce", "sources"],
 )
+
+
+@READERS
 def test_the_run_readers_check_their_store_first(main, capsys):
     url = f"http://127.0.0.1:{closed_port()}"
     assert main(url) == 2
@@ -255,16 +258,7 @@ def test_a_local_artifact_folder_is_made_or_named(tmp_path):
     )
 
 
-@pytest.mark.parametrize(
-    "main",
-    [
-        lambda uri: compare.main(["--by", "optimizer", "--tracking-uri", uri, "--no-log"]),
-        lambda uri: diff.main(["a", "b", "--tracking-uri", uri]),
-        lambda uri: reproduce.main(["a", "--tracking-uri", uri]),
-        lambda uri: sources.main(["--tracking-uri", uri]),
-    ],
-    ids=["compare", "diff", "reproduce", "sources"],
-)
+@READERS
 def test_the_run_readers_make_no_store_where_there_is_none(main, tmp_path, capsys):
     db = tmp_path / "typo" / "mlflow.db"
     assert main(f"sqlite:///{db}") == 2

@@ -659,11 +659,8 @@ def check_stores(cfg: S.SearchConfig) -> None:
             stores.check_file(Path(storage), f"the Optuna storage at {storage}")
         else:
             stores.check_reachable(S.rdb_url(storage), "Optuna storage", shown=storage)
-        m = cfg.mlflow
-        if m.enabled:
-            stores.check_reachable(m.tracking_uri, "MLflow tracking store")
-            if stores.scheme(m.tracking_uri) not in stores.SERVERS:  # a server has its own
-                stores.check_artifact_root(m.artifact_root)
+        if cfg.mlflow.enabled:
+            stores.check_run_store(cfg.mlflow.tracking_uri, cfg.mlflow.artifact_root)
     except stores.StoreError as e:
         raise S.SearchError(str(e)) from None
 

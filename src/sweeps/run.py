@@ -229,9 +229,7 @@ def _hydra_main(dcfg: DictConfig) -> float | None:
     if cfg.mlflow.enabled:
         m = cfg.mlflow
         try:
-            stores.check_reachable(m.tracking_uri, "MLflow tracking store")
-            if stores.scheme(m.tracking_uri) not in stores.SERVERS:  # a server has its own
-                stores.check_artifact_root(m.artifact_root)
+            stores.check_run_store(m.tracking_uri, m.artifact_root)
         except stores.StoreError as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None

@@ -83,6 +83,14 @@ def check_tracking_store(uri: str, name: str = "mlflow.tracking_uri", read: bool
     check_reachable(uri, "MLflow tracking store")
 
 
+def check_run_store(tracking_uri: str, artifact_root: str) -> None:
+    """What a command that records runs checks first: its store (``check_reachable``) and,
+    for a local store, its artifact folder (a tracking server keeps artifacts its own way)."""
+    check_reachable(tracking_uri, "MLflow tracking store")
+    if scheme(tracking_uri) not in SERVERS:
+        check_artifact_root(artifact_root)
+
+
 def check_reachable(
     uri: str, what: str, timeout: float = CONNECT_TIMEOUT, shown: str | None = None
 ) -> None:
