@@ -839,15 +839,17 @@ def history_csv(history: History) -> str:
 def environment_tags() -> dict[str, str]:
     """What, besides the config, decides a run's numbers: code, versions and platform
     (``sweeps.reproduce`` compares them to explain a difference)."""
-    return {
+    tags = {
         "sweeps_version": sweeps.__version__,
         "python_version": platform.python_version(),
         "numpy_version": np.__version__,
         "platform": platform.platform(),
         "host_pid": str(os.getpid()),
-        PROCESS_TAG: procs.process_id(),  # which process, to tell later whether it died
         **git_state(),
     }
+    if process := procs.process_id():  # which process, to tell later whether it died
+        tags[PROCESS_TAG] = process  # (not where /proc does not say)
+    return tags
 
 
 def end_dead_runs(tracking_uri: str, experiment_name: str, artifact_root: str) -> list[str]:
