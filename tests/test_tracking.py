@@ -584,7 +584,8 @@ def test_without_proc_a_run_records_no_process_and_no_run_is_judged(monkeypatch)
     from sweeps import procs, tracking
 
     assert tracking.environment_tags()[tracking.PROCESS_TAG] == procs.process_id()
-    monkeypatch.setattr(procs, "process_id", lambda pid=None: "")  # no /proc (macOS)
+    monkeypatch.setattr(procs, "pid_space", lambda: "")  # no /proc (macOS)
+    assert procs.process_id() == ""
     assert tracking.PROCESS_TAG not in tracking.environment_tags()
     monkeypatch.setattr(tracking, "get_client", lambda uri: pytest.fail("the store was read"))
     assert tracking.end_dead_runs("sqlite:///unused.db", "sweeps", "unused") == []

@@ -38,7 +38,7 @@ def process_alive(pid: int, started: str = "") -> bool:
 
 
 @functools.cache
-def _pid_space() -> str:
+def pid_space() -> str:
     """This boot of this kernel and this process's pid namespace: where a pid names one
     process. Two machines, or one before and after a reboot, differ in their boot id;
     containers on one kernel share it but not their pid namespace. Empty when unknown."""
@@ -54,7 +54,7 @@ def process_id(pid: int | None = None) -> str:
     """``<boot id>/<pid namespace>/<pid>/<start time>``: a process, unambiguous across
     machines, reboots, containers and reused pids; empty where /proc does not tell."""
     pid = os.getpid() if pid is None else pid
-    space, start = _pid_space(), process_start(pid)
+    space, start = pid_space(), process_start(pid)
     return f"{space}/{pid}/{start}" if space and start else ""
 
 
@@ -62,7 +62,7 @@ def dead_here(ident: str) -> bool:
     """True only when ``ident`` (``process_id``) names a process in this machine's current
     boot and this pid namespace that is no longer running. Anything else (another machine,
     an earlier boot, another container, an unreadable id) is not known to be dead."""
-    space = _pid_space()
+    space = pid_space()
     if not space or not ident.startswith(space + "/"):
         return False
     pid, _, start = ident.removeprefix(space + "/").partition("/")

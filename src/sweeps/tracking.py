@@ -860,7 +860,7 @@ def end_dead_runs(tracking_uri: str, experiment_name: str, artifact_root: str) -
     (``procs.dead_here``): a run of another machine or container sharing the store, or from
     before a reboot, is left as it is. Search runs (tag ``sweeps.role``) are left to the
     search, which knows their trials' states. Returns the ids of the runs it ended."""
-    space = procs.process_id().rsplit("/", 2)[0]
+    space = procs.pid_space()
     if not space:
         return []
     client = get_client(tracking_uri)
