@@ -712,6 +712,85 @@ def test_stale_trials_of_dead_workers_are_failed_and_their_runs_killed(tmp_path,
     assert got.info.status == "KILLED" and got.data.tags["trial_state"] == "FAIL"
 
 
+def test_a_dead_launchers_study_is_ended_by_the_next_launcher(tmp_path, mlflow_store):
+    """A study whose launcher was SIGKILLed and is never rerun: the next launcher on this
+    host, of any study in the storage, FAILs its dead workers' trials, ends their runs and
+    ends its parent run KILLED. A study still training (a live worker), a live launcher's
+    study and a study tracked in another store keep their parent runs."""
+    storage = str(tmp_path / "journal.log")
+
+    def study(name: str, launcher_pid: int, worker_pid: int | None) -> tuple[S.Search, str, int]:
+        # "gone" records its runs in an experiment of its own, the others in the default one
+        extra = ["mlflow.experiment_name=gone-runs"] if name == "gone" else []
+        s = S.Search(load_config(tiny_args(storage, mlflow_store, study=name, extra=extra)))
+        s.check_spec()
+        parent = s.ensure_parent_run()
+        start = S.process_start(launcher_pid) if launcher_pid == os.getpid() else "1"
+        s.study.set_user_attr(
+            S.LAUNCHER, {"host": S.hostname(), "pid": launcher_pid, "pid_start": start}
+        )
+        number = -1
+        if worker_pid is not None:
+            trial = s.study.ask()
+            for key, value in (
+                (S.ROUND, 1),
+                (S.HOST, S.hostname()),
+                (S.PID, worker_pid),
+                (S.PID_START, S.process_start(worker_pid) if worker_pid == os.getpid() else "1"),
+            ):
+                trial.set_user_attr(key, value)
+            number = trial.number
+            s.client().create_run(
+                s._experiment_id,
+                tags={
+                    "study": name,
+                    "trial_number": str(number),
+                    "sweeps.role": "trial",
+                    "mlflow.parentRunId": parent,
+                },
+            )
+        return s, parent, number
+
+    dead = _dead_pid()
+    gone, gone_parent, gone_trial = study("gone", dead, dead)
+    busy, busy_parent, _ = study("busy", dead, os.getpid())
+    live, live_parent, _ = study("live", os.getpid(), None)
+    elsewhere, _, elsewhere_trial = study("elsewhere", dead, dead)
+    elsewhere.study.set_user_attr(S.PARENT_URI, "sqlite:///" + str(tmp_path / "other.db"))
+    elsewhere.study.set_user_attr(S.PARENT_RUN, "0" * 32)  # not in this store
+
+    me = S.Search(load_config(tiny_args(storage, mlflow_store, study="me")))
+    assert sorted(me.end_dead_studies()) == ["elsewhere", "gone"]
+
+    client = me.client()
+    got = client.get_run(gone_parent)
+    assert got.info.status == "KILLED"
+    assert got.data.tags["sweeps.failure"] == f"its launcher (pid {dead}) died without ending it"
+    [trial_run] = client.search_runs(
+        [gone._experiment_id], "tags.study = 'gone' and tags.`sweeps.role` = 'trial'"
+    )
+    assert trial_run.info.status == "KILLED" and trial_run.data.tags["trial_state"] == "FAIL"
+    t = load_study(storage, "gone").trials[gone_trial]
+    assert t.state == TrialState.FAIL and t.user_attrs[S.OUTCOME] == "stale"
+    assert load_study(storage, "elsewhere").trials[elsewhere_trial].state == TrialState.FAIL
+    assert client.get_run(busy_parent).info.status == "RUNNING"
+    assert [t.state for t in load_study(storage, "busy").trials] == [TrialState.RUNNING]
+    assert client.get_run(live_parent).info.status == "RUNNING"
+    assert me.end_dead_studies() == []  # nothing left to end
+
+    # A rerun of the study reopens its run, without the reason it had been ended.
+    again = S.Search(
+        load_config(
+            tiny_args(
+                storage, mlflow_store, study="gone", extra=["mlflow.experiment_name=gone-runs"]
+            )
+        )
+    )
+    assert again.ensure_parent_run() == gone_parent
+    got = client.get_run(gone_parent)
+    assert got.info.status == "RUNNING" and "sweeps.failure" not in got.data.tags
+
+
 def test_reconcile_leaves_a_just_finished_trials_run_to_its_writer(
     tmp_path, mlflow_store, monkeypatch
 ):
@@ -787,6 +866,21 @@ def test_sigkill_mid_study_then_rerun_finishes_the_exact_budget(tmp_path, mlflow
     killed = [t.number for t in before if t.state == TrialState.RUNNING]
     assert killed, "the kill did not catch a running trial"
     assert [r for r in mlflow_runs(mlflow_store, "kill") if r.info.status == "RUNNING"]
+    assert load_study(storage, "kill").user_attrs[S.LAUNCHER]["pid"] == proc.pid
+
+    # Another study's launcher ends what the dead one left RUNNING (as if "kill" were never
+    # rerun): its trials FAIL, their runs and its parent run KILLED.
+    assert main(tiny_args(storage, mlflow_store, study="next", rounds=[(1, "random")])) == 0
+    assert not [
+        t
+        for t in load_study(storage, "kill").get_trials(deepcopy=False)
+        if t.state == TrialState.RUNNING
+    ]
+    assert not [r for r in mlflow_runs(mlflow_store, "kill") if r.info.status == "RUNNING"]
+    [parent] = [
+        r for r in mlflow_runs(mlflow_store, "kill") if r.data.tags.get("sweeps.role") == "study"
+    ]
+    assert parent.info.status == "KILLED" and "launcher" in parent.data.tags["sweeps.failure"]
 
     assert main(args) == 0
     trials = check_invariants(storage, mlflow_store, "kill", [4, 3])

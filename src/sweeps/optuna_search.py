@@ -551,7 +551,9 @@ def study_main(search: S.Search, argv: Sequence[str], start: float, resumed: boo
     parent = search.ensure_parent_run()  # a local store is in WAL mode (tracking.get_client)
     with search.lock():
         search.fail_stale()
+        search.record_launcher()
     search.reconcile_runs()
+    search.end_dead_studies()  # a killed launcher's study that is never rerun
     before = S.tally(search.study.get_trials(deepcopy=False))
     storage = S.redact(search.storage_spec)
     verb = "resuming" if resumed else "starting"

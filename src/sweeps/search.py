@@ -28,7 +28,10 @@ validation split, narrow the ranges to where the good trials are, repeat. Here:
   a dead pid on its own host (the journal storage has no heartbeat in Optuna 5); RDB storages
   also record heartbeats and fail trials silent for ``grace_period`` seconds (other machines).
   The MLflow runs of such trials are ended KILLED, and the launcher ends any child run left
-  RUNNING whose trial is finished (``reconcile_runs``).
+  RUNNING whose trial is finished (``reconcile_runs``). A launcher also does this for the other
+  studies of its storage, and ends KILLED the parent run of a study whose launcher died on this
+  host with none of its trials running (``end_dead_studies``): a study that is never rerun
+  after a SIGKILL is not left RUNNING.
 - Duplicates: a sampled parameter set equal to one of a counted or running trial is not
   trained; that trial is told FAIL (``outcome=duplicate``, ``duplicate_of``), which does not
   count, and the sampler is asked again. After ``dedup_attempts`` duplicates in a row the
@@ -60,7 +63,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -115,11 +118,12 @@ ROUND, OUTCOME, REASON = "round", "outcome", "fail_reason"
 HOST, PID, PID_START, WORKER = "worker_host", "worker_pid", "worker_started", "worker"
 OVERRIDES, RUN_ID, DUPLICATE_OF = "overrides", "mlflow_run_id", "duplicate_of"
 # Study user attrs.
-SPEC, PARENT_RUN, PARENT_URI, BEST_TEST = (
+SPEC, PARENT_RUN, PARENT_URI, BEST_TEST, LAUNCHER = (
     "sweeps.spec",
     "sweeps.mlflow_parent_run_id",
     "sweeps.mlflow_tracking_uri",
     "sweeps.best_test",
+    "sweeps.launcher",  # {host, pid, pid_start} of the launcher that opened the study last
 )
 
 
@@ -1022,6 +1026,7 @@ class Search:
         self._samplers: dict[int, Any] = {}
         self._client = None
         self._experiment_id: str | None = None
+        self.label = ""  # in log lines: "" for its own study, "study 'x': " for another's
         self.study = optuna.create_study(
             study_name=self.name,
             storage=self.storage,
@@ -1158,6 +1163,8 @@ class Search:
                     run = client.get_run(run_id)
                     if run.info.status != "RUNNING":
                         client.update_run(run_id, status="RUNNING")
+                    if "sweeps.failure" in run.data.tags:  # why it was ended: no more
+                        client.delete_tag(run_id, "sweeps.failure")
                     return run_id
                 except Exception:
                     log.warning(
@@ -1272,8 +1279,94 @@ class Search:
             client.set_terminated(run.info.run_id, status="KILLED")
             ended += 1
         if ended:
-            log.info("marked %d MLflow run(s) of finished trials KILLED", ended)
+            log.info("%smarked %d MLflow run(s) of finished trials KILLED", self.label, ended)
         return ended
+
+    def record_launcher(self) -> None:
+        """Record this process as the study's launcher (``end_dead_studies`` judges it)."""
+        with self.lock():
+            self.study.set_user_attr(
+                LAUNCHER, {"host": self.host, "pid": self.pid, "pid_start": self.pid_start}
+            )
+
+    def end_dead_studies(self) -> list[str]:
+        """For every other study in this storage: FAIL its RUNNING trials whose worker died on
+        this host and end their MLflow runs (as ``fail_stale`` and ``reconcile_runs`` do for
+        this study at each start), then end its parent run KILLED if the launcher that
+        opened it last died on this host and none of its trials is running. A study whose
+        launcher was SIGKILLed (or OOM-killed) and is never rerun would otherwise stay
+        RUNNING in both stores; a rerun reopens it either way. Trials of other hosts are
+        left to their own workers and Optuna's heartbeat. Returns the studies it touched."""
+        touched = []
+        for summary in self.storage.get_all_studies():
+            if summary.study_name == self.name:
+                continue
+            try:
+                other = self._other_study(summary.study_name)
+                with other.lock():
+                    failed = other.fail_stale()
+                ended = other.reconcile_runs() + other._end_dead_parent()
+            except Exception as e:  # another study's trouble must not stop this one
+                log.warning("could not check study %r for dead workers: %s", summary.study_name, e)
+                continue
+            if failed or ended:
+                touched.append(summary.study_name)
+        return touched
+
+    def _other_study(self, name: str) -> Search:
+        """This search's view of another study of its storage: its trials, its lock and (if
+        it was tracked in this MLflow store) its parent run's experiment. No heartbeat
+        judgment: that study's workers may beat at another interval than this config's."""
+        import optuna
+
+        other = copy.copy(self)
+        other.name = name
+        other.label = f"study {name!r}: "
+        other.study = optuna.load_study(study_name=name, storage=self.storage)
+        # A journal or SQLite storage has one lock file (a second flock of it would wait on
+        # this process's own); PostgreSQL locks each study by its name.
+        other.lock = (
+            self.lock if isinstance(self.lock, FileLock) else make_lock(self.storage_spec, name)
+        )
+        other.heartbeat = False
+        other._samplers = {}
+        attrs = other.study.user_attrs
+        other._experiment_id = None
+        if (
+            self.tracking
+            and attrs.get(PARENT_RUN)
+            and attrs.get(PARENT_URI) == (self.cfg.mlflow.tracking_uri)
+        ):
+            with contextlib.suppress(Exception):  # a parent run deleted from the store
+                run = self.client().get_run(attrs[PARENT_RUN])
+                other._client, other._experiment_id = self._client, run.info.experiment_id
+        if other._experiment_id is None:  # untracked, or tracked elsewhere: its trials only
+            other.cfg = replace(self.cfg, mlflow=replace(self.cfg.mlflow, enabled=False))
+        return other
+
+    def _end_dead_parent(self) -> int:
+        """End this study's parent run KILLED if its launcher died on this host and none of
+        its trials is running. Returns 1 if it ended it."""
+        from optuna.trial import TrialState
+
+        launcher = self.study.user_attrs.get(LAUNCHER)
+        parent = self.parent_run_id()
+        if (
+            parent is None
+            or not launcher
+            or launcher.get("host") != self.host
+            or process_alive(int(launcher.get("pid", 0)), launcher.get("pid_start", ""))
+            or self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        ):
+            return 0
+        client = self.client()
+        if client.get_run(parent).info.status != "RUNNING":
+            return 0
+        reason = f"its launcher (pid {launcher.get('pid')}) died without ending it"
+        client.set_tag(parent, "sweeps.failure", reason)
+        client.set_terminated(parent, status="KILLED")
+        log.warning("study %r: %s; its MLflow run is marked KILLED", self.name, reason)
+        return 1
 
     # -- stale trials
 
@@ -1309,7 +1402,10 @@ class Search:
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue
             log.warning(
-                "trial %d: %s; marked FAIL (not counted: its slot runs again)", t.number, reason
+                "%strial %d: %s; marked FAIL (not counted: its slot runs again)",
+                self.label,
+                t.number,
+                reason,
             )
             failed.append(t.number)
         if self.heartbeat:
@@ -1328,7 +1424,8 @@ class Search:
                 t = self.study.trials[number]
                 if t.state == TrialState.FAIL and OUTCOME not in t.user_attrs:
                     log.warning(
-                        "trial %d: no heartbeat for %ss; marked FAIL by Optuna",
+                        "%strial %d: no heartbeat for %ss; marked FAIL by Optuna",
+                        self.label,
                         number,
                         self.cfg.grace_period,
                     )
