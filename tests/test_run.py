@@ -327,6 +327,32 @@ def test_a_store_it_cannot_use_stops_it_before_any_work(tmp_path):
         assert made == {"mlruns/hydra"}, bad  # Hydra's run folder, no store, no artifacts
 
 
+def test_an_experiment_it_cannot_record_into_stops_it_before_any_work(tmp_path, mlflow_store):
+    """A deleted experiment, or an mlflow.artifact_root the existing experiment cannot take:
+    exit 2 with one line naming the value, before a run is created."""
+    client = MlflowClient(tracking_uri=mlflow_store["uri"])
+    client.delete_experiment(client.create_experiment("gone"))
+    client.create_experiment(
+        "kept", artifact_location=Path(mlflow_store["artifacts"]).resolve().as_uri()
+    )
+    elsewhere = tmp_path / "elsewhere"
+    uri = f"mlflow.tracking_uri={mlflow_store['uri']}"
+    cases = {
+        ("mlflow.experiment_name=gone",): "error: MLflow experiment 'gone' is deleted; restore it",
+        ("mlflow.experiment_name=kept", f"mlflow.artifact_root={elsewhere}"): (
+            f"error: mlflow.artifact_root={elsewhere} cannot apply: MLflow experiment 'kept' "
+            "keeps its artifacts in file://"
+        ),
+    }
+    procs = {bad: start([*TINY, uri, *bad], tmp_path) for bad in cases}
+    for bad, proc in procs.items():
+        result = finish(proc, timeout=60)
+        assert result.returncode == 2, (bad, result.stderr)
+        assert result.stderr.startswith(cases[bad]), (bad, result.stderr)
+        assert "Traceback" not in result.stderr and "epoch" not in result.stdout
+    assert all_runs(mlflow_store) == []
+
+
 # -- interrupted runs --------------------------------------------------------------------------
 
 

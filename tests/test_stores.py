@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from sweeps import compare, diff, optuna_search, reproduce, sources, stores
+from sweeps import compare, diff, optuna_search, reproduce, sources, stores, tracking
 from sweeps.config import MlflowConf
 
 
@@ -221,6 +221,43 @@ def test_a_search_with_a_uri_mlflow_cannot_open_is_a_config_error(tmp_path, monk
     err = capsys.readouterr().err
     assert err.startswith("error: invalid search config: mlflow.tracking_uri 'ftp://x' is not a")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_experiment_runs_cannot_go_to_is_an_error_before_the_study(
+    tmp_path, monkeypatch, capsys
+):
+    """A deleted experiment, or a non-default mlflow.artifact_root for an experiment that keeps
+    its artifacts elsewhere (MLflow fixes the place when it creates the experiment): one line
+    naming both, before the study is opened. The default root and the experiment's own pass."""
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = tracking.get_client(uri)
+    client.delete_experiment(client.create_experiment("gone"))
+    kept = (tmp_path / "kept").resolve()
+    client.create_experiment("k", artifact_location=kept.as_uri())
+    base = [f"mlflow.tracking_uri={uri}", "search.rounds=[{n_trials:1,sampler:random}]"]
+    capsys.readouterr()  # MLflow's lines about making the store
+
+    assert optuna_search.main([*base, "mlflow.experiment_name=gone"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "error: MLflow experiment 'gone' is deleted; restore it (mlflow experiments restore"
+    )
+    other = tmp_path / "other"
+    assert (
+        optuna_search.main([*base, "mlflow.experiment_name=k", f"mlflow.artifact_root={other}"])
+        == 2
+    )
+    assert capsys.readouterr().err == (
+        f"error: mlflow.artifact_root={other} cannot apply: MLflow experiment 'k' keeps its "
+        f"artifacts in {kept.as_uri()}, set when it was created; drop the override or choose "
+        "another mlflow.experiment_name\n"
+    )
+    assert not (tmp_path / "mlruns" / "optuna" / "journal.log").exists()  # no study opened
+    for root in (stores.DEFAULT_ARTIFACT_ROOT, str(kept)):
+        tracking.check_experiment(uri, "k", root)  # no error
+    assert MlflowClient(uri).search_runs([client.get_experiment_by_name("k").experiment_id]) == []
 
 
 READERS = pytest.mark.parametrize(  # the commands that read runs, given a --tracking-uri

@@ -24,7 +24,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from sweeps.data import validation_size
 from sweeps.nn.init import Init
 from sweeps.optim import WeightDecay, make_optimizer
-from sweeps.stores import check_tracking_uri
+from sweeps.stores import DEFAULT_ARTIFACT_ROOT, check_tracking_uri
 from sweeps.train import TrainSettings
 
 GROUPS = (
@@ -381,7 +381,7 @@ class MlflowConf:
 
     enabled: bool = True
     tracking_uri: str = "sqlite:///mlruns/mlflow.db"
-    artifact_root: str = "mlruns/artifacts"
+    artifact_root: str = DEFAULT_ARTIFACT_ROOT
     experiment_name: str = "sweeps"
     run_name: str | None = None
     batch_loss_every: int = 10

@@ -20,6 +20,7 @@ from pathlib import Path
 CONNECT_TIMEOUT = 10  # seconds a server has to answer the check
 DATABASES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow's SQL stores
 SERVERS = ("http", "https")  # an MLflow tracking server
+DEFAULT_ARTIFACT_ROOT = "mlruns/artifacts"  # a local store's artifacts, beside mlruns/mlflow.db
 TRACKING_SCHEMES = (*DATABASES, *SERVERS, "databricks")
 
 

@@ -43,7 +43,7 @@ import numpy as np
 import sweeps
 from sweeps import procs, writer
 from sweeps.locks import flock
-from sweeps.stores import sqlite_path
+from sweeps.stores import DEFAULT_ARTIFACT_ROOT, StoreError, sqlite_path
 from sweeps.train import Callback, DivergedError, History
 
 log = logging.getLogger(__name__)
@@ -310,7 +310,7 @@ def ensure_experiment(client, name: str, artifact_root: str, tracking_uri: str) 
     store (a tracking server decides its own artifact location). Safe against a concurrent
     creator. An active experiment's id is remembered for the process (a search's trials all
     go to one experiment: one query less per trial)."""
-    key = (tracking_uri, name)
+    key = (tracking_uri, name, artifact_root)
     if key in _experiment_ids:
         return _experiment_ids[key]
     exp_id = _ensure_experiment(client, name, artifact_root, tracking_uri)
@@ -318,7 +318,19 @@ def ensure_experiment(client, name: str, artifact_root: str, tracking_uri: str) 
     return exp_id
 
 
-_experiment_ids: dict[tuple[str, str], str] = {}
+_experiment_ids: dict[tuple[str, str, str], str] = {}
+
+
+def check_experiment(tracking_uri: str, name: str, artifact_root: str) -> None:
+    """``StoreError`` unless runs can go to experiment ``name`` as configured: before any
+    work, where ``ensure_experiment`` would refuse later (the experiment is deleted, or an
+    ``artifact_root`` other than the default is asked of an experiment that keeps its
+    artifacts elsewhere: MLflow fixes the place when it creates the experiment). Creates
+    the experiment if it is new, as the run would."""
+    try:
+        ensure_experiment(get_client(tracking_uri), name, artifact_root, tracking_uri)
+    except ValueError as e:
+        raise StoreError(str(e)) from None
 
 
 def _ensure_experiment(client, name: str, artifact_root: str, tracking_uri: str) -> str:
@@ -328,11 +340,18 @@ def _ensure_experiment(client, name: str, artifact_root: str, tracking_uri: str)
             f"MLflow experiment {name!r} is deleted; restore it (mlflow experiments restore "
             f"--experiment-id {exp.experiment_id}) or choose another mlflow.experiment_name"
         )
+    local = not tracking_uri.startswith(("http://", "https://"))
     if exp is not None:
+        if local and artifact_root != DEFAULT_ARTIFACT_ROOT:
+            asked = Path(artifact_root).resolve().as_uri()
+            if asked != exp.artifact_location:
+                raise ValueError(
+                    f"mlflow.artifact_root={artifact_root} cannot apply: MLflow experiment "
+                    f"{name!r} keeps its artifacts in {exp.artifact_location}, set when it "
+                    "was created; drop the override or choose another mlflow.experiment_name"
+                )
         return exp.experiment_id
-    location = None
-    if not tracking_uri.startswith(("http://", "https://")):
-        location = Path(artifact_root).resolve().as_uri()
+    location = Path(artifact_root).resolve().as_uri() if local else None
     try:
         return client.create_experiment(name, artifact_location=location)
     except Exception:
