@@ -408,6 +408,34 @@ def test_seeds_launches_the_repeats_then_compares(mlflow_store, tmp_path, monkey
     assert "paired (n=2)" in done.stdout
 
 
+def test_ctrl_c_during_the_repeats_names_the_sweep_of_the_finished_ones(
+    tmp_path, monkeypatch, capsys
+):
+    """The jobs got the Ctrl-C too and ended their runs (``procs.run_child`` waits for them);
+    compare stops without a traceback and says how to compare the seeds that finished."""
+    from sweeps import compare, procs
+
+    ran = []
+
+    def interrupted(cmd, **kwargs):
+        ran.append(cmd)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(procs, "run_child", interrupted)
+    monkeypatch.setattr(compare, "compare", lambda **k: pytest.fail("the comparison ran"))
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    args = ["--seeds", "3", "--baseline", "sgd", "--tracking-uri", uri, "--no-log"]
+    assert compare.main([*args, "--", "optimizer=sgd,adam"]) == 130
+    [cmd] = ran
+    sweep_id = next(a for a in cmd if a.startswith("sweep_id=")).split("=", 1)[1]
+    err = capsys.readouterr().err
+    assert f"the finished ones are kept under sweep id {sweep_id}. Compare them with:" in err
+    assert err.endswith(
+        f"python -m sweeps.compare --sweep-id {sweep_id} --by optimizer --tracking-uri {uri} "
+        "--experiment sweeps --baseline sgd\n"
+    )
+
+
 def test_an_out_folder_it_cannot_make_stops_it_before_the_repeats(tmp_path, monkeypatch, capsys):
     from sweeps import compare
 

@@ -4,9 +4,13 @@ see (its current boot, its pid namespace), and never a reused pid for the origin
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
+import children
 from sweeps import procs
 
 
@@ -35,3 +39,72 @@ def test_only_a_gone_process_of_this_machine_is_dead():
     assert not procs.dead_here(f"{boot}/{int(ns) + 1}/{pid}/{start}")  # another container
     for broken in ("", f"{space}/", f"{space}/x/1", f"{space}/{pid}/", "garbage"):
         assert not procs.dead_here(broken), broken
+
+
+CHILD = """
+import pathlib, signal, sys, time
+out = pathlib.Path(sys.argv[1])
+def stop(*_):
+    time.sleep(1.0)  # ending its work: a run's end, a study's report
+    out.write_text("ended its work")
+    sys.exit(130)
+signal.signal(signal.SIGINT, stop)
+(out.parent / "started").write_text("")
+time.sleep(60)
+"""
+
+PARENT = """
+import sys
+from sweeps import procs
+try:
+    procs.run_child([sys.executable, "-c", sys.argv[1], sys.argv[2]])
+except KeyboardInterrupt:
+    sys.exit(42)
+"""
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.setsid()  # a terminal's foreground group: Ctrl-C reaches parent and child
+
+
+def test_a_child_gets_to_end_its_work_after_ctrl_c(tmp_path):
+    """Ctrl-C reaches a command and the child it waits for (``sweeps.compare --seeds`` and
+    its ``sweeps.run -m``). ``subprocess.run`` would kill the child 0.25 s later, in the
+    middle of ending its run; ``run_child`` lets it end (here in 1 s), then the interrupt
+    goes on in the parent."""
+    out = tmp_path / "out.txt"
+    parent = children.popen(
+        [sys.executable, "-c", PARENT, CHILD, str(out)], preexec_fn=_default_sigint
+    )
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "started").exists():
+        assert parent.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(parent.pid, signal.SIGINT)
+    assert parent.wait(timeout=60) == 42
+    assert out.read_text() == "ended its work"
+
+
+def test_children_that_ignore_ctrl_c_are_signalled_then_killed(tmp_path):
+    """A child that did not get the Ctrl-C (or ignores it) is sent SIGINT after the grace
+    time, and killed once the timeout has passed."""
+    wait = (
+        "import pathlib, signal, sys, time; {}; pathlib.Path(sys.argv[1]).touch(); time.sleep(60)"
+    )
+    stubborn = children.popen(
+        [
+            sys.executable,
+            "-c",
+            wait.format("signal.signal(signal.SIGINT, signal.SIG_IGN)"),
+            str(tmp_path / "a"),
+        ]
+    )
+    polite = children.popen([sys.executable, "-c", wait.format("pass"), str(tmp_path / "b")])
+    deadline = time.monotonic() + 60
+    while not ((tmp_path / "a").exists() and (tmp_path / "b").exists()):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    procs.stop_children([stubborn, polite], grace=0.2, timeout=1.0)
+    assert polite.returncode == -signal.SIGINT  # Python's exit on an unhandled Ctrl-C
+    assert stubborn.returncode == -signal.SIGKILL

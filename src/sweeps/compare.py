@@ -47,7 +47,7 @@ import logging
 import math
 import os
 import re
-import subprocess
+import shlex
 import sys
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from sweeps import stores
+from sweeps import procs, stores
 from sweeps.diff import default_tracking_uri
 
 log = logging.getLogger("sweeps.compare")
@@ -713,10 +713,22 @@ def launch_repeats(overrides: Sequence[str], seeds: int, tracking_uri: str, expe
         f"mlflow.experiment_name={experiment}",
     ]
     log.info("+ %s", " ".join(cmd[1:]))
-    done = subprocess.run(cmd, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"the multirun failed with exit status {done.returncode}")
+    try:
+        code = procs.run_child(cmd)  # on Ctrl-C each job ends its run KILLED first
+    except KeyboardInterrupt:
+        raise RepeatsInterrupted(sweep_id) from None
+    if code != 0:
+        raise RuntimeError(f"the multirun failed with exit status {code}")
     return sweep_id
+
+
+class RepeatsInterrupted(KeyboardInterrupt):
+    """Ctrl-C while ``launch_repeats`` ran: the jobs that finished are recorded under
+    ``sweep_id``."""
+
+    def __init__(self, sweep_id: str) -> None:
+        super().__init__(sweep_id)
+        self.sweep_id = sweep_id
 
 
 def sweep_keys(overrides: Sequence[str]) -> list[str]:
@@ -870,6 +882,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RepeatsInterrupted as e:
+        again = ["python", "-m", "sweeps.compare", "--sweep-id", e.sweep_id, "--by", ",".join(by)]
+        again += ["--tracking-uri", uri, "--experiment", experiments[0]]
+        if args.metric != "val/acc":
+            again += ["--metric", args.metric]
+        if args.baseline is not None:
+            again += ["--baseline", args.baseline]
+        print(
+            "interrupted (Ctrl-C) while the repeats ran; the interrupted job's run is KILLED, "
+            f"the finished ones are kept under sweep id {e.sweep_id}. Compare them with:\n  "
+            + shlex.join(again),
+            file=sys.stderr,
+        )
+        return 130
     print(result.render(markdown=args.markdown))
     if args.out:
         print(

@@ -31,6 +31,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from sweeps import analysis as A
+from sweeps import procs
 
 log = logging.getLogger("sweeps.figures")
 
@@ -164,7 +165,9 @@ class StudySpec:
                 )
             argv = [*self.argv(setting), "progress=false"]
             cmd = [sys.executable, "-m", "sweeps.optuna_search", *argv]
-            subprocess.run(cmd, check=True, cwd=A.project_root())
+            code = procs.run_child(cmd, cwd=A.project_root())  # Ctrl-C: it ends its study
+            if code != 0:
+                raise subprocess.CalledProcessError(code, cmd)
             study = A.load_study(self.name, setting)
         return study
 

@@ -53,8 +53,8 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import open_dict
 
+from sweeps import procs, stores, tracking
 from sweeps import search as S
-from sweeps import stores, tracking
 
 if TYPE_CHECKING:
     from sweeps.compare import GroupStats
@@ -175,7 +175,7 @@ def run_workers(cfg: S.SearchConfig, argv: Sequence[str], progress: StudyProgres
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS"):
         env[var] = threads
     base = [a for a in argv if a.split("=", 1)[0].lstrip("+~") not in ("worker", "progress")]
-    procs = [
+    workers = [
         subprocess.Popen(
             [sys.executable, "-m", "sweeps.optuna_search", *base, f"worker={i}", "progress=false"],
             env=env,
@@ -184,39 +184,22 @@ def run_workers(cfg: S.SearchConfig, argv: Sequence[str], progress: StudyProgres
     ]
     log.info(
         "started %d workers (pids %s), %s BLAS thread(s) each",
-        len(procs),
-        [p.pid for p in procs],
+        len(workers),
+        [p.pid for p in workers],
         threads,
     )
     try:
-        while any(p.poll() is None for p in procs):
+        while any(p.poll() is None for p in workers):
             progress.update()
             time.sleep(cfg.poll_interval)
     except KeyboardInterrupt as e:
-        if isinstance(e, tracking.Terminated):
-            sig = signal.SIGTERM
-        else:  # Ctrl-C in a terminal reached the workers too: give them time to stop first
-            sig = signal.SIGINT
-            _wait_all(procs, timeout=5)
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(sig)
-        deadline = time.monotonic() + 60
-        for p in procs:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        # SIGTERM reached this process only; Ctrl-C in a terminal reached the workers too
+        procs.stop_children(
+            workers, signal.SIGTERM if isinstance(e, tracking.Terminated) else signal.SIGINT
+        )
         raise
     progress.update()
-    return [p.returncode for p in procs]
-
-
-def _wait_all(procs: Sequence[subprocess.Popen], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(p.poll() is None for p in procs):
-        time.sleep(0.1)
+    return [p.returncode for p in workers]
 
 
 def worker_main(cfg: S.SearchConfig) -> int:

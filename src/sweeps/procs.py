@@ -1,11 +1,15 @@
 """Which process, on which machine: to tell whether the process that left a record (a
-trial, a run) is still alive."""
+trial, a run) is still alive; and child processes stopped the way they end their own work."""
 
 from __future__ import annotations
 
 import functools
 import os
+import signal
 import socket
+import subprocess
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -69,3 +73,43 @@ def dead_here(ident: str) -> bool:
     if not (pid.isdigit() and start):
         return False
     return not process_alive(int(pid), start)
+
+
+def stop_children(
+    children: Sequence[subprocess.Popen],
+    sig: int = signal.SIGINT,
+    grace: float = 5.0,
+    timeout: float = 60.0,
+) -> None:
+    """Stop this process's children after it was interrupted, letting each end its own work
+    (``sweeps.run`` ends its run KILLED, a search fails its running trials): with SIGINT,
+    which a terminal's Ctrl-C sends to the children too, they first get ``grace`` seconds
+    to stop by themselves; those still running then get ``sig``, and any still running
+    ``timeout`` seconds later is killed."""
+    if sig == signal.SIGINT:
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(p.poll() is None for p in children):
+            time.sleep(0.1)
+    for p in children:
+        if p.poll() is None:
+            p.send_signal(sig)
+    deadline = time.monotonic() + timeout
+    for p in children:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def run_child(cmd: Sequence[str], **popen_kwargs) -> int:
+    """``subprocess.run(cmd).returncode`` for a command that ends its own work on Ctrl-C.
+    ``subprocess.run`` kills its child 0.25 s after a Ctrl-C, which can cut that ending
+    short and leave a run or a study RUNNING; here the child is stopped with
+    ``stop_children``, and then the interrupt goes on."""
+    proc = subprocess.Popen(list(cmd), **popen_kwargs)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        stop_children([proc])
+        raise
