@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 import children
 from sweeps import procs
 
@@ -44,20 +46,22 @@ def test_only_a_gone_process_of_this_machine_is_dead():
 CHILD = """
 import pathlib, signal, sys, time
 out = pathlib.Path(sys.argv[1])
-def stop(*_):
+def stop(signum, frame):
     time.sleep(1.0)  # ending its work: a run's end, a study's report
-    out.write_text("ended its work")
+    out.write_text(f"ended its work on signal {signum}")
     sys.exit(130)
 signal.signal(signal.SIGINT, stop)
+signal.signal(signal.SIGTERM, stop)
 (out.parent / "started").write_text("")
 time.sleep(60)
 """
 
 PARENT = """
 import sys
-from sweeps import procs
+from sweeps import procs, tracking
 try:
-    procs.run_child([sys.executable, "-c", sys.argv[1], sys.argv[2]])
+    with tracking.sigterm_as_interrupt():
+        procs.run_child([sys.executable, "-c", sys.argv[1], sys.argv[2]])
 except KeyboardInterrupt:
     sys.exit(42)
 """
@@ -68,11 +72,16 @@ def _default_sigint() -> None:
     os.setsid()  # a terminal's foreground group: Ctrl-C reaches parent and child
 
 
-def test_a_child_gets_to_end_its_work_after_ctrl_c(tmp_path):
+@pytest.mark.parametrize(
+    "sig, group",
+    [(signal.SIGINT, True), (signal.SIGTERM, False)],
+    ids=["ctrl-c to the group", "sigterm to the parent"],
+)
+def test_a_child_gets_to_end_its_work_after_an_interrupt(tmp_path, sig, group):
     """Ctrl-C reaches a command and the child it waits for (``sweeps.compare --seeds`` and
     its ``sweeps.run -m``). ``subprocess.run`` would kill the child 0.25 s later, in the
     middle of ending its run; ``run_child`` lets it end (here in 1 s), then the interrupt
-    goes on in the parent."""
+    goes on in the parent. SIGTERM reaches the parent only: it is passed on."""
     out = tmp_path / "out.txt"
     parent = children.popen(
         [sys.executable, "-c", PARENT, CHILD, str(out)], preexec_fn=_default_sigint
@@ -81,9 +90,12 @@ def test_a_child_gets_to_end_its_work_after_ctrl_c(tmp_path):
     while not (tmp_path / "started").exists():
         assert parent.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
-    os.killpg(parent.pid, signal.SIGINT)
+    if group:
+        os.killpg(parent.pid, sig)
+    else:
+        parent.send_signal(sig)
     assert parent.wait(timeout=60) == 42
-    assert out.read_text() == "ended its work"
+    assert out.read_text() == f"ended its work on signal {int(sig)}"
 
 
 def test_children_that_ignore_ctrl_c_are_signalled_then_killed(tmp_path):

@@ -713,10 +713,13 @@ def launch_repeats(overrides: Sequence[str], seeds: int, tracking_uri: str, expe
         f"mlflow.experiment_name={experiment}",
     ]
     log.info("+ %s", " ".join(cmd[1:]))
+    from sweeps.tracking import sigterm_as_interrupt
+
     try:
-        code = procs.run_child(cmd)  # on Ctrl-C each job ends its run KILLED first
-    except KeyboardInterrupt:
-        raise RepeatsInterrupted(sweep_id) from None
+        with sigterm_as_interrupt():  # SIGTERM too: the jobs are stopped, not orphaned
+            code = procs.run_child(cmd)  # on Ctrl-C each job ends its run KILLED first
+    except KeyboardInterrupt as e:
+        raise RepeatsInterrupted(sweep_id, str(e) or "Ctrl-C") from None
     if code != 0:
         raise RuntimeError(f"the multirun failed with exit status {code}")
     return sweep_id
@@ -726,9 +729,9 @@ class RepeatsInterrupted(KeyboardInterrupt):
     """Ctrl-C while ``launch_repeats`` ran: the jobs that finished are recorded under
     ``sweep_id``."""
 
-    def __init__(self, sweep_id: str) -> None:
-        super().__init__(sweep_id)
-        self.sweep_id = sweep_id
+    def __init__(self, sweep_id: str, reason: str) -> None:
+        super().__init__(sweep_id, reason)
+        self.sweep_id, self.reason = sweep_id, reason
 
 
 def sweep_keys(overrides: Sequence[str]) -> list[str]:
@@ -890,7 +893,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.baseline is not None:
             again += ["--baseline", args.baseline]
         print(
-            "interrupted (Ctrl-C) while the repeats ran; the interrupted job's run is KILLED, "
+            f"interrupted ({e.reason}) while the repeats ran; the interrupted job's run is KILLED, "
             f"the finished ones are kept under sweep id {e.sweep_id}. Compare them with:\n  "
             + shlex.join(again),
             file=sys.stderr,

@@ -192,11 +192,8 @@ def run_workers(cfg: S.SearchConfig, argv: Sequence[str], progress: StudyProgres
         while any(p.poll() is None for p in workers):
             progress.update()
             time.sleep(cfg.poll_interval)
-    except KeyboardInterrupt as e:
-        # SIGTERM reached this process only; Ctrl-C in a terminal reached the workers too
-        procs.stop_children(
-            workers, signal.SIGTERM if isinstance(e, tracking.Terminated) else signal.SIGINT
-        )
+    except KeyboardInterrupt as e:  # SIGTERM (tracking.Terminated) is passed on
+        procs.stop_children(workers, getattr(e, "signum", signal.SIGINT))
         raise
     progress.update()
     return [p.returncode for p in workers]

@@ -103,13 +103,14 @@ def stop_children(
 
 
 def run_child(cmd: Sequence[str], **popen_kwargs) -> int:
-    """``subprocess.run(cmd).returncode`` for a command that ends its own work on Ctrl-C.
-    ``subprocess.run`` kills its child 0.25 s after a Ctrl-C, which can cut that ending
-    short and leave a run or a study RUNNING; here the child is stopped with
-    ``stop_children``, and then the interrupt goes on."""
+    """``subprocess.run(cmd).returncode`` for a command that ends its own work on Ctrl-C or
+    SIGTERM. ``subprocess.run`` kills its child 0.25 s after a Ctrl-C, which can cut that
+    ending short and leave a run or a study RUNNING; here the child is stopped with
+    ``stop_children`` (SIGTERM passed on when the interrupt is ``tracking.Terminated``),
+    and then the interrupt goes on."""
     proc = subprocess.Popen(list(cmd), **popen_kwargs)
     try:
         return proc.wait()
-    except KeyboardInterrupt:
-        stop_children([proc])
+    except KeyboardInterrupt as e:
+        stop_children([proc], getattr(e, "signum", signal.SIGINT))
         raise

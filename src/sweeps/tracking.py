@@ -59,7 +59,10 @@ class ArtifactError(RuntimeError):
 
 
 class Terminated(KeyboardInterrupt):
-    """Raised in the main thread on SIGTERM so the run can end as KILLED."""
+    """Raised in the main thread on SIGTERM so the run can end as KILLED. ``signum``: the
+    signal to pass on to child processes (``procs.stop_children``)."""
+
+    signum = signal.SIGTERM
 
 
 _received: list[int] = []  # signals turned into exceptions by sigterm_as_interrupt's handlers
