@@ -639,15 +639,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     env.setdefault(A.ENV_LAUNCH, "1" if args.run_missing else "0")
     setting = A.Setting.from_env(env)
     log.info(setting.describe())
+    from sweeps.tracking import sigterm_as_interrupt
+
     failed = []
-    for name in args.names or list(FIGURES):
-        try:
-            path = save(FIGURES[name](setting), Path(args.out) / f"{name}.png", args.dpi)
-        except LookupError as e:
-            failed.append(name)
-            log.error("%s: %s", name, e)
-            continue
-        log.info("wrote %s (%.0f KB)", path, path.stat().st_size / 1024)
+    try:
+        # SIGTERM as Ctrl-C: a run training here ends KILLED, a search it runs is stopped
+        with sigterm_as_interrupt():
+            for name in args.names or list(FIGURES):
+                try:
+                    path = save(FIGURES[name](setting), Path(args.out) / f"{name}.png", args.dpi)
+                except LookupError as e:
+                    failed.append(name)
+                    log.error("%s: %s", name, e)
+                    continue
+                log.info("wrote %s (%.0f KB)", path, path.stat().st_size / 1024)
+    except KeyboardInterrupt as e:
+        log.error("interrupted (%s); the figures written so far are kept", str(e) or "Ctrl-C")
+        return 130
     if failed:
         log.error(
             "missing runs for %s: run the commands above, or add --run-missing", ", ".join(failed)
