@@ -1332,11 +1332,8 @@ class Search:
         other._samplers = {}
         attrs = other.study.user_attrs
         other._experiment_id = None
-        if (
-            self.tracking
-            and attrs.get(PARENT_RUN)
-            and attrs.get(PARENT_URI) == (self.cfg.mlflow.tracking_uri)
-        ):
+        same_store = attrs.get(PARENT_URI) == self.cfg.mlflow.tracking_uri
+        if self.tracking and attrs.get(PARENT_RUN) and same_store:
             with contextlib.suppress(Exception):  # a parent run deleted from the store
                 run = self.client().get_run(attrs[PARENT_RUN])
                 other._client, other._experiment_id = self._client, run.info.experiment_id
