@@ -256,7 +256,7 @@ def test_an_experiment_runs_cannot_go_to_is_an_error_before_the_study(
     )
     assert not (tmp_path / "mlruns" / "optuna" / "journal.log").exists()  # no study opened
     for root in (stores.DEFAULT_ARTIFACT_ROOT, str(kept)):
-        tracking.check_experiment(uri, "k", root)  # no error
+        tracking.check_recording(uri, "k", root)  # no error
     assert MlflowClient(uri).search_runs([client.get_experiment_by_name("k").experiment_id]) == []
 
 

@@ -643,8 +643,7 @@ def check_stores(cfg: S.SearchConfig) -> None:
             stores.check_reachable(S.rdb_url(storage), "Optuna storage", shown=storage)
         if cfg.mlflow.enabled:
             m = cfg.mlflow
-            stores.check_run_store(m.tracking_uri, m.artifact_root)
-            tracking.check_experiment(m.tracking_uri, m.experiment_name, m.artifact_root)
+            tracking.check_recording(m.tracking_uri, m.experiment_name, m.artifact_root)
     except stores.StoreError as e:
         raise S.SearchError(str(e)) from None
 

@@ -229,8 +229,7 @@ def _hydra_main(dcfg: DictConfig) -> float | None:
     if cfg.mlflow.enabled:
         m = cfg.mlflow
         try:
-            stores.check_run_store(m.tracking_uri, m.artifact_root)
-            tracking.check_experiment(m.tracking_uri, m.experiment_name, m.artifact_root)
+            tracking.check_recording(m.tracking_uri, m.experiment_name, m.artifact_root)
         except stores.StoreError as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None

@@ -43,7 +43,7 @@ import numpy as np
 import sweeps
 from sweeps import procs, writer
 from sweeps.locks import flock
-from sweeps.stores import DEFAULT_ARTIFACT_ROOT, StoreError, sqlite_path
+from sweeps.stores import DEFAULT_ARTIFACT_ROOT, StoreError, check_run_store, sqlite_path
 from sweeps.train import Callback, DivergedError, History
 
 log = logging.getLogger(__name__)
@@ -324,12 +324,14 @@ def ensure_experiment(client, name: str, artifact_root: str, tracking_uri: str) 
 _experiment_ids: dict[tuple[str, str, str], str] = {}
 
 
-def check_experiment(tracking_uri: str, name: str, artifact_root: str) -> None:
-    """``StoreError`` unless runs can go to experiment ``name`` as configured: before any
-    work, where ``ensure_experiment`` would refuse later (the experiment is deleted, or an
-    ``artifact_root`` other than the default is asked of an experiment that keeps its
-    artifacts elsewhere: MLflow fixes the place when it creates the experiment). Creates
-    the experiment if it is new, as the run would."""
+def check_recording(tracking_uri: str, name: str, artifact_root: str) -> None:
+    """``StoreError`` unless runs can be recorded into experiment ``name`` as configured,
+    checked before any work by every command that records runs: the store and its artifact
+    folder (``stores.check_run_store``), then the experiment, where ``ensure_experiment``
+    would refuse later (it is deleted, or an ``artifact_root`` other than the default is
+    asked of an experiment that keeps its artifacts elsewhere: MLflow fixes the place when
+    it creates the experiment). Creates the experiment if it is new, as the run would."""
+    check_run_store(tracking_uri, artifact_root)
     try:
         ensure_experiment(get_client(tracking_uri), name, artifact_root, tracking_uri)
     except ValueError as e:
