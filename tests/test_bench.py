@@ -206,3 +206,58 @@ def test_a_readme_it_cannot_write_its_table_into_stops_it_before_any_work(
     assert str(readme) in str(e.value)
     if content is not None:
         assert readme.read_text() == content
+
+
+@pytest.mark.parametrize(
+    ("until", "expected"),
+    [(None, 4), (math.inf, 4), (-math.inf, 2)],
+    ids=["no deadline", "deadline far off", "deadline passed"],
+)
+def test_alternate_stops_repeating_at_its_deadline_after_the_repeats_it_must_run(
+    monkeypatch, until, expected
+):
+    monkeypatch.setattr(bench, "PAUSE", 0.0)
+    calls: list[str] = []
+    contenders = {name: lambda name=name: calls.append(name) or len(calls) for name in "abc"}
+
+    results = bench.alternate(contenders, repeats=4, warmup=False, until=until, at_least=2)
+
+    assert {len(v) for v in results.values()} == {expected}
+    assert calls[:6] == ["a", "b", "c", "b", "c", "a"]  # the order rotates every repeat
+    assert len(calls) == 3 * expected
+
+
+@pytest.mark.parametrize("budget", ["-1", "nan", "five"])
+def test_a_budget_that_is_not_seconds_stops_it_before_any_work(monkeypatch, capsys, budget):
+    monkeypatch.setattr(bench, "SECTIONS", dict.fromkeys(bench.SECTIONS, pytest.fail))
+    monkeypatch.setattr(bench, "import_torch", lambda: pytest.fail("the bench started"))
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--sections", "mlp", "--budget", budget])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--budget" in err and budget in err
+
+
+def test_a_search_past_the_budget_runs_two_repeats_and_says_so(monkeypatch):
+    from sweeps import data
+
+    monkeypatch.setattr(bench, "PAUSE", 0.0)
+    monkeypatch.setattr(data, "mnist_cached", lambda root=None: False)
+    studies: list[tuple[int, bool]] = []
+
+    def run_study(root, workers, tracked, n, extra):
+        studies.append((workers, tracked))
+        spans = {w: (n - 1, 0.4 * (n - 1)) for w in range(workers)}
+        return bench.StudyTiming(spans, wall=10.0, mlflow_per_trial=0.01, writer_per_trial=0.05)
+
+    monkeypatch.setattr(bench, "run_study", run_study)
+    monkeypatch.setattr(bench, "book_loop_seconds", lambda cfg, trials, seed: 1.3)
+    report = bench.Report(until=-math.inf)  # already past: only the repeats it must run
+
+    bench.bench_search(report, repeats=3)
+
+    assert len(studies) == 2 * len(bench.SEARCH_CONTENDERS)
+    assert {len(t.seconds) for t in report.timings} == {2}
+    assert {len(r.values) for r in report.ratios} == {2}
+    (note,) = [n for n in report.notes if n.startswith("Search: 2 repeats")]
+    assert "(of 3, 1 fewer to stay within --budget)" in note

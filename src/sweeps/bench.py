@@ -45,7 +45,9 @@ between them, so they share the machine's noise; timings are the median of the r
 min and max, and each ratio is the median of the per-repeat ratios. The search takes several
 seconds per contender and the 10-epoch runs 12, so they use at most ``LONG_REPEATS`` (3) and
 ``LONG_RUN_REPEATS`` (2) repeats, to keep the whole benchmark under 5 minutes on the
-reference machine (2 cores). The
+reference machine (2 cores): 230-250 s when it is quiet. In its slower phases (310 s was
+seen), the search, the last and longest section, runs fewer repeats (at least 2) rather
+than end after ``--budget`` (``BUDGET`` seconds), and its note says so. The
 1-minute load average is printed too: on a shared machine it says how much to trust the run.
 PyTorch is optional (``pip install -e '.[bench]'``): it is imported lazily and reported as
 ``not installed`` when missing. Nothing here is asserted in tests.
@@ -124,6 +126,9 @@ class Report:
     timings: list[Timing] = field(default_factory=list)
     ratios: list[Ratio] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: ``time.perf_counter()`` by which the benchmark should be done (``--budget``), or None:
+    #: the search, the last and longest section, runs fewer repeats rather than overrun it
+    until: float | None = None
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -431,19 +436,32 @@ def time_lean(cfg: RunConfig, splits: D.Splits) -> float:
 
 
 def alternate(
-    contenders: dict[str, Callable[[], Any]], repeats: int, warmup: bool = True
+    contenders: dict[str, Callable[[], Any]],
+    repeats: int,
+    warmup: bool = True,
+    until: float | None = None,
+    at_least: int = 2,
 ) -> dict[str, list[Any]]:
     """Call every contender once per repeat, rotating the order each repeat and pausing
     between calls, after one untimed warm-up round (unless the caller warmed them up more
-    cheaply); return each one's results in order."""
+    cheaply); return each one's results in order.
+
+    ``until``: a ``time.perf_counter()`` deadline. Once ``at_least`` repeats are done, no
+    repeat starts that the longest one so far says would end after it: the results then
+    hold fewer than ``repeats`` values (the caller reports how many)."""
     names = list(contenders)
     for name in names if warmup else ():  # imports, first allocations, BLAS/OpenMP threads
         contenders[name]()
     results: dict[str, list[Any]] = {name: [] for name in names}
+    longest = 0.0
     for r in range(repeats):
+        if until is not None and r >= at_least and time.perf_counter() + longest > until:
+            break
+        start = time.perf_counter()
         for name in names[r % len(names) :] + names[: r % len(names)]:
             time.sleep(PAUSE)
             results[name].append(contenders[name]())
+        longest = max(longest, time.perf_counter() - start)
     return results
 
 
@@ -618,6 +636,8 @@ def bench_cnn(report: Report, repeats: int) -> None:
     )
 
 
+#: seconds: the issue asks for under 5 minutes; the margin is for the report and a README
+BUDGET = 285.0
 LONG_REPEATS = 3  # at most, for the sections whose contenders take several seconds each
 LONG_RUN_REPEATS = 2  # at most, for the 10-epoch tracking runs (12 s a contender)
 
@@ -1178,7 +1198,8 @@ def bench_search(
             # after the first, and the bench has 5 minutes)
             contenders[REAL_MNIST] = functools.partial(study, 1, False, ["data=mnist"], real_n)
         contenders["book"] = lambda: book_loop_seconds(book_cfg, BOOK_TRIALS, next(seeds))
-        res = alternate(contenders, repeats, warmup=False)
+        res = alternate(contenders, repeats, warmup=False, until=report.until)
+    planned, repeats = repeats, len(res["book"])
     book = res.pop("book")
     per_trial = {k: [s.per_trial for s in v] for k, v in res.items()}
     for k, v in per_trial.items():
@@ -1265,8 +1286,10 @@ def bench_search(
         )
     )
     walls = ", ".join(f"{k} {statistics.median(s.wall for s in v):.1f} s" for k, v in res.items())
+    cut = f", {planned - repeats} fewer to stay within --budget" if repeats < planned else ""
     report.notes.append(
-        f"Search: {repeats} repeats (of {asked}); {O.blas_threads(2)} BLAS thread(s) per worker; "
+        f"Search: {repeats} repeats (of {asked}{cut}); {O.blas_threads(2)} BLAS thread(s) per "
+        "worker; "
         f"whole command (imports, workers, report, plots), median: {walls}"
     )
 
@@ -1337,17 +1360,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS), help="what to run"
     )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=BUDGET,
+        metavar="SECONDS",
+        help="the search runs fewer repeats (at least 2) rather than end the benchmark later "
+        f"than this; 0: no limit (default {BUDGET:.0f})",
+    )
     parser.add_argument("--readme", metavar="PATH", help="also write the table into this README")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if not args.budget >= 0:  # NaN too
+        parser.error(f"--budget must be a number of seconds >= 0, got {args.budget}")
     if args.readme:
         check_block(args.readme, "bench")  # before minutes of work, not after
     torch = import_torch()
     if torch is not None:
         torch.set_num_threads(blas_threads())  # the same thread count as NumPy's BLAS
     load_before, start = load_average(), time.perf_counter()
-    report = Report()
+    report = Report(until=start + args.budget if args.budget else None)
     spent = []
     for name in args.sections:
         section_start = time.perf_counter()
@@ -1358,6 +1391,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"load average (1 min) {load_before} before, {load_average()} after"
     )
     words = ["--repeats", str(args.repeats), "--sections", *args.sections]
+    if args.budget != BUDGET:
+        words[2:2] = ["--budget", f"{args.budget:g}"]
     command = "python -m sweeps.bench " + " ".join(words)
     text = format_report(report, [f"`{command}`", "", *machine_lines(torch)])
     print(text)
