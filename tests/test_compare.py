@@ -408,18 +408,23 @@ def test_seeds_launches_the_repeats_then_compares(mlflow_store, tmp_path, monkey
     assert "paired (n=2)" in done.stdout
 
 
+@pytest.mark.parametrize("killed", [False, True], ids=["jobs stopped", "jobs killed"])
 def test_ctrl_c_during_the_repeats_names_the_sweep_of_the_finished_ones(
-    tmp_path, monkeypatch, capsys
+    tmp_path, monkeypatch, capsys, killed
 ):
     """The jobs got the Ctrl-C too and ended their runs (``procs.run_child`` waits for them);
-    compare stops without a traceback and says how to compare the seeds that finished."""
+    compare stops without a traceback and says how to compare the seeds that finished. When
+    the jobs had to be killed, it does not claim their run was ended."""
     from sweeps import compare, procs
 
     ran = []
 
     def interrupted(cmd, **kwargs):
         ran.append(cmd)
-        raise KeyboardInterrupt
+        e = KeyboardInterrupt()
+        if killed:
+            e.add_note(f"{procs.KILLED} {cmd[0]} did not stop within 60 s")
+        raise e
 
     monkeypatch.setattr(procs, "run_child", interrupted)
     monkeypatch.setattr(compare, "compare", lambda **k: pytest.fail("the comparison ran"))
@@ -430,6 +435,8 @@ def test_ctrl_c_during_the_repeats_names_the_sweep_of_the_finished_ones(
     sweep_id = next(a for a in cmd if a.startswith("sweep_id=")).split("=", 1)[1]
     err = capsys.readouterr().err
     assert f"the finished ones are kept under sweep id {sweep_id}. Compare them with:" in err
+    assert ("the interrupted job's run is KILLED" in err) is not killed
+    assert ("were killed: the interrupted job's run stays RUNNING" in err) is killed
     assert err.endswith(
         f"python -m sweeps.compare --sweep-id {sweep_id} --by optimizer --tracking-uri {uri} "
         "--experiment sweeps --baseline sgd\n"

@@ -117,6 +117,51 @@ def test_children_that_ignore_ctrl_c_are_signalled_then_killed(tmp_path):
     while not ((tmp_path / "a").exists() and (tmp_path / "b").exists()):
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    procs.stop_children([stubborn, polite], grace=0.2, timeout=1.0)
+    killed = procs.stop_children([stubborn, polite], grace=0.2, timeout=1.0)
+    assert killed == [stubborn]
     assert polite.returncode == -signal.SIGINT  # Python's exit on an unhandled Ctrl-C
     assert stubborn.returncode == -signal.SIGKILL
+
+
+STUBBORN_PARENT = """
+import sys
+from sweeps import procs
+procs.STOP_TIMEOUT = 0.5
+try:
+    procs.run_child([sys.executable, "-c", sys.argv[1], sys.argv[2]])
+except KeyboardInterrupt as e:
+    print(procs.child_killed(e), *getattr(e, "__notes__", []), sep="\\n")
+"""
+WAITING_CHILD = """
+import pathlib, signal, sys, time
+if {stubborn}:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+pathlib.Path(sys.argv[1]).touch()
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("stubborn", [True, False], ids=["killed", "stopped"])
+def test_an_interrupt_says_when_the_child_had_to_be_killed(tmp_path, stubborn):
+    """A child that ignores the Ctrl-C past the timeout is killed, and the interrupt that goes
+    on says so (its work, a run, was not ended); one that stops in time is not."""
+    started = tmp_path / "started"
+    parent = children.popen(
+        [sys.executable, "-c", STUBBORN_PARENT, WAITING_CHILD.format(stubborn=stubborn), started],
+        preexec_fn=_default_sigint,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not started.exists():
+        assert parent.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(parent.pid, signal.SIGINT)
+    out, _ = parent.communicate(timeout=60)
+    lines = out.splitlines()
+    if stubborn:
+        assert lines[0] == "True"
+        assert lines[1].startswith(procs.KILLED)
+        assert "did not stop within 0.5 s of the signal and was killed" in out
+    else:
+        assert lines == ["False"]

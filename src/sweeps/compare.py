@@ -719,7 +719,7 @@ def launch_repeats(overrides: Sequence[str], seeds: int, tracking_uri: str, expe
         with sigterm_as_interrupt():  # SIGTERM too: the jobs are stopped, not orphaned
             code = procs.run_child(cmd)  # on Ctrl-C each job ends its run KILLED first
     except KeyboardInterrupt as e:
-        raise RepeatsInterrupted(sweep_id, str(e) or "Ctrl-C") from None
+        raise RepeatsInterrupted(sweep_id, str(e) or "Ctrl-C", procs.child_killed(e)) from None
     if code != 0:
         raise RuntimeError(f"the multirun failed with exit status {code}")
     return sweep_id
@@ -729,9 +729,9 @@ class RepeatsInterrupted(KeyboardInterrupt):
     """Ctrl-C while ``launch_repeats`` ran: the jobs that finished are recorded under
     ``sweep_id``."""
 
-    def __init__(self, sweep_id: str, reason: str) -> None:
+    def __init__(self, sweep_id: str, reason: str, killed: bool = False) -> None:
         super().__init__(sweep_id, reason)
-        self.sweep_id, self.reason = sweep_id, reason
+        self.sweep_id, self.reason, self.killed = sweep_id, reason, killed
 
 
 def sweep_keys(overrides: Sequence[str]) -> list[str]:
@@ -892,8 +892,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             again += ["--metric", args.metric]
         if args.baseline is not None:
             again += ["--baseline", args.baseline]
+        ended = (
+            f"the jobs did not stop within {procs.STOP_TIMEOUT:g} s and were killed: the "
+            "interrupted job's run stays RUNNING until the next sweeps.run in this "
+            "experiment on this machine ends it KILLED"
+            if e.killed
+            else "the interrupted job's run is KILLED"
+        )
         print(
-            f"interrupted ({e.reason}) while the repeats ran; the interrupted job's run is KILLED, "
+            f"interrupted ({e.reason}) while the repeats ran; {ended}, "
             f"the finished ones are kept under sweep id {e.sweep_id}. Compare them with:\n  "
             + shlex.join(again),
             file=sys.stderr,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -80,12 +81,13 @@ def stop_children(
     sig: int = signal.SIGINT,
     grace: float = 5.0,
     timeout: float = 60.0,
-) -> None:
+) -> list[subprocess.Popen]:
     """Stop this process's children after it was interrupted, letting each end its own work
     (``sweeps.run`` ends its run KILLED, a search fails its running trials): with SIGINT,
     which a terminal's Ctrl-C sends to the children too, they first get ``grace`` seconds
     to stop by themselves; those still running then get ``sig``, and any still running
-    ``timeout`` seconds later is killed."""
+    ``timeout`` seconds later is killed. Returns the killed ones: their work was not ended
+    (a run they had open stays RUNNING until a later command finds their process gone)."""
     if sig == signal.SIGINT:
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and any(p.poll() is None for p in children):
@@ -94,12 +96,19 @@ def stop_children(
         if p.poll() is None:
             p.send_signal(sig)
     deadline = time.monotonic() + timeout
+    killed = []
     for p in children:
         try:
             p.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+            killed.append(p)
+    return killed
+
+
+STOP_TIMEOUT = 60.0  # seconds run_child's child has to stop after the signal, then SIGKILL
+KILLED = "killed:"  # how the note that run_child adds to its interrupt begins
 
 
 def run_child(cmd: Sequence[str], **popen_kwargs) -> int:
@@ -107,10 +116,20 @@ def run_child(cmd: Sequence[str], **popen_kwargs) -> int:
     SIGTERM. ``subprocess.run`` kills its child 0.25 s after a Ctrl-C, which can cut that
     ending short and leave a run or a study RUNNING; here the child is stopped with
     ``stop_children`` (SIGTERM passed on when the interrupt is ``tracking.Terminated``),
-    and then the interrupt goes on."""
+    and then the interrupt goes on; if the child had to be killed, with a note saying so
+    (``child_killed``)."""
     proc = subprocess.Popen(list(cmd), **popen_kwargs)
     try:
         return proc.wait()
     except KeyboardInterrupt as e:
-        stop_children([proc], getattr(e, "signum", signal.SIGINT))
+        if stop_children([proc], getattr(e, "signum", signal.SIGINT), timeout=STOP_TIMEOUT):
+            e.add_note(
+                f"{KILLED} {shlex.join(cmd)} did not stop within {STOP_TIMEOUT:g} s of the "
+                "signal and was killed: what it had open (a run, a trial) is left RUNNING"
+            )
         raise
+
+
+def child_killed(e: BaseException) -> bool:
+    """Whether ``run_child`` had to kill its child before passing on the interrupt ``e``."""
+    return any(note.startswith(KILLED) for note in getattr(e, "__notes__", ()))
