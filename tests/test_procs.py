@@ -43,6 +43,38 @@ def test_only_a_gone_process_of_this_machine_is_dead():
         assert not procs.dead_here(broken), broken
 
 
+def test_a_record_names_a_gone_process_only_where_this_machine_can_tell():
+    child = subprocess.Popen(["sleep", "30"])
+    ident, start = procs.process_id(child.pid), procs.process_start(child.pid)
+    host = procs.hostname()
+    assert not procs.gone(ident, host, child.pid, start)  # alive
+    child.kill()
+    child.wait()
+    assert procs.gone(ident, host, child.pid, start)
+    boot, ns, pid, start = ident.split("/")
+    # another container on this kernel, sharing the host name (host networking): its pids
+    # are not this namespace's, so it is not known to be gone
+    assert not procs.gone(f"{boot}/{int(ns) + 1}/{pid}/{start}", host, int(pid), start)
+    # an earlier boot of this host: a reboot ended it; an earlier boot of another machine
+    assert procs.gone(f"another-boot/{ns}/{os.getpid()}/{start}", host, os.getpid(), start)
+    assert not procs.gone(f"another-boot/{ns}/{pid}/{start}", "another-host", int(pid), start)
+    # a record without an ident (an older version's): by host name and pid
+    assert procs.gone("", host, int(pid), start)
+    assert not procs.gone("", "another-host", int(pid), start)
+    own = procs.process_start(os.getpid())
+    assert not procs.gone("", host, os.getpid(), own)
+
+
+def test_this_process_is_told_by_its_ident_where_the_record_has_one():
+    mine, host = procs.process_id(), procs.hostname()
+    assert procs.is_this_process(mine, host, os.getpid())
+    boot, ns, pid, start = mine.split("/")
+    # the same pid in another container with the same host name is another process
+    assert not procs.is_this_process(f"{boot}/{int(ns) + 1}/{pid}/{start}", host, os.getpid())
+    assert procs.is_this_process("", host, os.getpid())  # an older record: host and pid
+    assert not procs.is_this_process("", "another-host", os.getpid())
+
+
 CHILD = """
 import pathlib, signal, sys, time
 out = pathlib.Path(sys.argv[1])
@@ -117,7 +149,7 @@ def test_children_that_ignore_ctrl_c_are_signalled_then_killed(tmp_path):
     while not ((tmp_path / "a").exists() and (tmp_path / "b").exists()):
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    killed = procs.stop_children([stubborn, polite], grace=0.2, timeout=1.0)
+    killed = procs.stop_children([stubborn, polite], grace=0.2, timeout=5.0)
     assert killed == [stubborn]
     assert polite.returncode == -signal.SIGINT  # Python's exit on an unhandled Ctrl-C
     assert stubborn.returncode == -signal.SIGKILL

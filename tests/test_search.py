@@ -701,15 +701,35 @@ def test_stale_trials_of_dead_workers_are_failed_and_their_runs_killed(tmp_path,
             "mlflow.parentRunId": parent,
         },
     )
+    # Two workers in another container on this kernel with this host name (host networking):
+    # their pids mean nothing in this pid namespace, one of them is even this process's pid.
+    boot, ns, _, _ = S.process_id().split("/")
+    neighbours = []
+    for pid in (_dead_pid(), os.getpid()):
+        trial = search.study.ask()
+        for key, value in (
+            (S.ROUND, 1),
+            (S.HOST, S.hostname()),
+            (S.PID, pid),
+            (S.PID_START, "1"),
+            (S.PROCESS, f"{boot}/{int(ns) + 1}/{pid}/1"),
+        ):
+            trial.set_user_attr(key, value)
+        neighbours.append(trial.number)
     with search.lock():
         failed = search.fail_stale()
     assert sorted(failed) == [dead.number, orphan.number]
     trials = search.study.get_trials(deepcopy=False)
-    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.RUNNING]
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL] + [
+        TrialState.RUNNING
+    ] * 3
     assert trials[0].user_attrs[S.OUTCOME] == "stale" and "died" in trials[0].user_attrs[S.REASON]
     assert S.tally(trials).counted == 0  # their slots run again
     got = client.get_run(run.info.run_id)
     assert got.info.status == "KILLED" and got.data.tags["trial_state"] == "FAIL"
+    with search.lock():  # as this process ends: its own trials, not the neighbours'
+        assert search.fail_stale(include_own=True) == [alive.number]
+    assert all(search.study.trials[n].state == TrialState.RUNNING for n in neighbours)
 
 
 def test_a_dead_launchers_study_is_ended_by_the_next_launcher(tmp_path, mlflow_store):
@@ -759,8 +779,15 @@ def test_a_dead_launchers_study_is_ended_by_the_next_launcher(tmp_path, mlflow_s
     elsewhere.study.set_user_attr(S.PARENT_URI, "sqlite:///" + str(tmp_path / "other.db"))
     elsewhere.study.set_user_attr(S.PARENT_RUN, "0" * 32)  # not in this store
 
+    # launched in another container on this kernel with this host name: not known dead here
+    neighbour, neighbour_parent, _ = study("neighbour", dead, None)
+    boot, ns, _, _ = S.process_id().split("/")
+    record = {"host": S.hostname(), "pid": dead, "pid_start": "1"}
+    neighbour.study.set_user_attr(S.LAUNCHER, {**record, "process": f"{boot}/{int(ns) + 1}/1/1"})
+
     me = S.Search(load_config(tiny_args(storage, mlflow_store, study="me")))
     assert sorted(me.end_dead_studies()) == ["elsewhere", "gone"]
+    assert me.client().get_run(neighbour_parent).info.status == "RUNNING"
 
     client = me.client()
     got = client.get_run(gone_parent)

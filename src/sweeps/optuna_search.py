@@ -371,11 +371,8 @@ def _claim_best(
         if all(str(s) in records for s in seeds):
             return records
         if claim.get("trial") == trial and "pid" in claim:
-            mine = claim.get("pid") == search.pid and claim.get("host") == search.host
-            if not mine and (
-                claim.get("host") != search.host
-                or S.process_alive(claim["pid"], claim.get("pid_start", ""))
-            ):
+            mine = S.is_this_process(claim.get("process", ""), claim.get("host", ""), claim["pid"])
+            if not mine and not S.record_gone(claim):
                 log.info("another process retrains trial %d for the test set", trial)
                 return None
         search.study.set_user_attr(
@@ -386,6 +383,7 @@ def _claim_best(
                 "host": search.host,
                 "pid": search.pid,
                 "pid_start": search.pid_start,
+                "process": search.process,
                 "seeds": records,
             },
         )

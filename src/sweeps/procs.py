@@ -76,6 +76,32 @@ def dead_here(ident: str) -> bool:
     return not process_alive(int(pid), start)
 
 
+def gone(ident: str, host: str, pid: int, start: str = "") -> bool:
+    """Whether the process a record names is known to be gone, by what the record kept: its
+    ``ident`` (``process_id``; empty in records of older versions, or where /proc did not
+    tell), the name of its ``host``, its ``pid`` and start time. With an ident: a process of
+    this boot and pid namespace that is no longer running (``dead_here``), or a process of
+    an earlier boot of this host (a reboot ended it); a process of another container on
+    this kernel (which may share the host name, with host networking) or of another machine
+    is not known to be gone. Without one: a process of this host name whose pid is free or
+    was reused."""
+    space = pid_space()
+    if ident and space:
+        if ident.split("/", 1)[0] != space.split("/", 1)[0]:  # another boot id
+            return host == hostname()
+        return dead_here(ident)
+    return host == hostname() and not process_alive(pid, start)
+
+
+def is_this_process(ident: str, host: str, pid: int) -> bool:
+    """Whether a record names this process: by ``ident`` where both have one (two
+    containers sharing a host name can both run a pid 1), else by host name and pid."""
+    mine = process_id()
+    if ident and mine:
+        return ident == mine
+    return host == hostname() and pid == os.getpid()
+
+
 def stop_children(
     children: Sequence[subprocess.Popen],
     sig: int = signal.SIGINT,

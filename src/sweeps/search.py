@@ -23,10 +23,14 @@ validation split, narrow the ranges to where the good trials are, repeat. Here:
   Trials that FAIL because their worker was interrupted or died (``outcome`` interrupted or
   stale, or no ``outcome`` when Optuna's heartbeat failed them) and rejected duplicates
   (``outcome=duplicate``) do not count: their slot is run again.
-- Stale trials: a worker records its host, pid and the pid's start time on each trial. Any
-  worker, under the lock (at start, and before each reservation), FAILs the RUNNING trials of
-  a dead pid on its own host (the journal storage has no heartbeat in Optuna 5); RDB storages
-  also record heartbeats and fail trials silent for ``grace_period`` seconds (other machines).
+- Stale trials: a worker records its host, pid, the pid's start time and its process id
+  (``procs.process_id``: boot id, pid namespace, pid, start) on each trial. Any worker, under
+  the lock (at start, and before each reservation), FAILs the RUNNING trials whose worker is
+  gone (``procs.gone``): a dead pid of its own boot and pid namespace, or a process of an
+  earlier boot of its host; a worker in another container on the same kernel, which may
+  share the host name, is not judged (the journal storage has no heartbeat in Optuna 5). RDB
+  storages also record heartbeats and fail trials silent for ``grace_period`` seconds (other
+  machines and containers).
   The MLflow runs of such trials are ended KILLED, and the launcher ends any child run left
   RUNNING whose trial is finished (``reconcile_runs``). A launcher also does this for the other
   studies of its storage, and ends KILLED the parent run of a study whose launcher died on this
@@ -78,7 +82,7 @@ from sweeps.config import (
     interrupts_unwrapped,
     register_schemas,
 )
-from sweeps.procs import hostname, process_alive, process_start
+from sweeps.procs import gone, hostname, is_this_process, process_id, process_start
 from sweeps.stores import redact
 from sweeps.tracking import sqlite_path
 from sweeps.train import Callback
@@ -116,6 +120,7 @@ TRIAL_WRITES = ("process", "inline")
 # Trial user attrs written by this module.
 ROUND, OUTCOME, REASON = "round", "outcome", "fail_reason"
 HOST, PID, PID_START, WORKER = "worker_host", "worker_pid", "worker_started", "worker"
+PROCESS = "worker_process"  # procs.process_id(): which process, unambiguous across machines
 OVERRIDES, RUN_ID, DUPLICATE_OF = "overrides", "mlflow_run_id", "duplicate_of"
 # Study user attrs.
 SPEC, PARENT_RUN, PARENT_URI, BEST_TEST, LAUNCHER = (
@@ -1022,6 +1027,7 @@ class Search:
         self.worker = worker
         self.host, self.pid = hostname(), os.getpid()
         self.pid_start = process_start(self.pid)
+        self.process = process_id()
         self.bounds = original_bounds(self.space)
         self._samplers: dict[int, Any] = {}
         self._client = None
@@ -1259,9 +1265,7 @@ class Search:
         for run in runs:
             number = run.data.tags.get("trial_number")
             if run.data.tags.get("sweeps.role") == "best-test":
-                if claim.get("host") != self.host or process_alive(
-                    int(claim.get("pid", 0)), claim.get("pid_start", "")
-                ):
+                if not record_gone(claim):
                     continue  # its launcher may still be evaluating
                 state = "-"
             elif (
@@ -1286,7 +1290,13 @@ class Search:
         """Record this process as the study's launcher (``end_dead_studies`` judges it)."""
         with self.lock():
             self.study.set_user_attr(
-                LAUNCHER, {"host": self.host, "pid": self.pid, "pid_start": self.pid_start}
+                LAUNCHER,
+                {
+                    "host": self.host,
+                    "pid": self.pid,
+                    "pid_start": self.pid_start,
+                    "process": self.process,
+                },
             )
 
     def end_dead_studies(self) -> list[str]:
@@ -1351,8 +1361,7 @@ class Search:
         if (
             parent is None
             or not launcher
-            or launcher.get("host") != self.host
-            or process_alive(int(launcher.get("pid", 0)), launcher.get("pid_start", ""))
+            or not record_gone(launcher)
             or self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         ):
             return 0
@@ -1368,8 +1377,9 @@ class Search:
     # -- stale trials
 
     def fail_stale(self, include_own: bool = False) -> list[int]:
-        """FAIL the RUNNING trials whose worker is gone: on this host, a dead pid (or, under
-        the lock, no pid recorded at all: its worker died while reserving it); elsewhere,
+        """FAIL the RUNNING trials whose worker is gone: on this host, a dead pid of this
+        pid namespace or a process of an earlier boot (``procs.gone``; or, under the lock, no
+        pid recorded at all: its worker died while reserving it); elsewhere,
         Optuna's heartbeat (RDB storages). ``include_own``: also this process's own RUNNING
         trials (it calls this when it runs none any more). Call with the lock held."""
         import optuna
@@ -1379,15 +1389,13 @@ class Search:
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             attrs = t.user_attrs
             if PID in attrs:
-                own = attrs.get(HOST) == self.host and int(attrs[PID]) == self.pid
-                if own and include_own:
+                host, pid, process = attrs.get(HOST, ""), int(attrs[PID]), attrs.get(PROCESS, "")
+                if include_own and is_this_process(process, host, pid):
                     reason = "its worker was interrupted before recording it"
-                elif attrs.get(HOST) != self.host or process_alive(
-                    int(attrs[PID]), attrs.get(PID_START, "")
-                ):
+                elif not gone(process, host, pid, attrs.get(PID_START, "")):
                     continue
                 else:
-                    reason = f"worker pid {attrs[PID]} on {attrs[HOST]} died while running it"
+                    reason = f"worker pid {pid} on {host} died while running it"
             elif isinstance(self.lock, NoLock):
                 continue
             else:
@@ -1548,6 +1556,7 @@ class Search:
                 (HOST, self.host),
                 (PID, self.pid),
                 (PID_START, self.pid_start),
+                (PROCESS, self.process),
                 (WORKER, self.worker),
             ):
                 trial.set_user_attr(key, value)
@@ -1764,6 +1773,19 @@ class Search:
 #: process (trial_writes=process) has not made its end yet; the writer is behind by a trial's
 #: writes at most, tens of milliseconds.
 RUN_END_GRACE = 60.0
+
+
+def record_gone(record: dict[str, Any]) -> bool:
+    """``procs.gone`` for a launcher's or a best-test claim's record (host, pid, pid_start,
+    process); a record without a pid is not known to be gone."""
+    if "pid" not in record:
+        return False
+    return gone(
+        record.get("process", ""),
+        record.get("host", ""),
+        int(record["pid"]),
+        record.get("pid_start", ""),
+    )
 
 
 def _end_on_its_way(trial) -> bool:
