@@ -46,23 +46,32 @@ def test_only_a_gone_process_of_this_machine_is_dead():
 def test_a_record_names_a_gone_process_only_where_this_machine_can_tell():
     child = subprocess.Popen(["sleep", "30"])
     ident, start = procs.process_id(child.pid), procs.process_start(child.pid)
-    host = procs.hostname()
+    host, machine = procs.hostname(), procs.machine_id()
     assert not procs.gone(ident, host, child.pid, start)  # alive
     child.kill()
     child.wait()
     assert procs.gone(ident, host, child.pid, start)
+    assert procs.gone(ident, host, child.pid, start, certain=True)
     boot, ns, pid, start = ident.split("/")
-    # another container on this kernel, sharing the host name (host networking): its pids
-    # are not this namespace's, so it is not known to be gone
-    assert not procs.gone(f"{boot}/{int(ns) + 1}/{pid}/{start}", host, int(pid), start)
-    # an earlier boot of this host: a reboot ended it; an earlier boot of another machine
-    assert procs.gone(f"another-boot/{ns}/{os.getpid()}/{start}", host, os.getpid(), start)
-    assert not procs.gone(f"another-boot/{ns}/{pid}/{start}", "another-host", int(pid), start)
+    me, my_start = os.getpid(), procs.process_start(os.getpid())
+    # Another pid namespace of this kernel under this host name: most often this container
+    # before a restart, judged by the pid as records always were; not certain.
+    other_ns = f"{boot}/{int(ns) + 1}/{pid}/{start}"
+    assert procs.gone(other_ns, host, int(pid), start)
+    assert not procs.gone(other_ns, host, int(pid), start, certain=True)
+    assert not procs.gone(f"{boot}/{int(ns) + 1}/{me}/{my_start}", host, me, my_start)
+    if machine:
+        # an earlier boot of this machine (a reboot ended it), even with this pid alive now
+        earlier = f"earlier-boot/{ns}/{me}/{my_start}"
+        assert procs.gone(earlier, host, me, my_start, machine, certain=True)
+        # another machine that merely shares the host name, even with that pid free here
+        assert not procs.gone(f"its-boot/{ns}/{pid}/{start}", host, int(pid), start, "other")
+    assert not procs.gone(f"its-boot/{ns}/{pid}/{start}", "another-host", int(pid), start)
     # a record without an ident (an older version's): by host name and pid
     assert procs.gone("", host, int(pid), start)
+    assert not procs.gone("", host, int(pid), start, certain=True)
     assert not procs.gone("", "another-host", int(pid), start)
-    own = procs.process_start(os.getpid())
-    assert not procs.gone("", host, os.getpid(), own)
+    assert not procs.gone("", host, me, my_start)
 
 
 def test_this_process_is_told_by_its_ident_where_the_record_has_one():

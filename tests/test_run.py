@@ -28,6 +28,8 @@ from sweeps.config import GROUPS, conf_dir, validate
 from sweeps.run import execute
 from sweeps.tracking import (
     FAILURE_TAG,
+    HOST_TAG,
+    MACHINE_TAG,
     PROCESS_TAG,
     Terminated,
     flatten,
@@ -377,7 +379,9 @@ def _wait_for_running(store: dict[str, str], proc: subprocess.Popen, timeout: fl
 @pytest.mark.slow
 def test_a_run_whose_process_was_killed_is_ended_by_the_next_run(tmp_path, mlflow_store):
     """SIGKILL lets no process end its run: the next sweeps.run on this machine ends it
-    KILLED. A live run, a search's run and a run of another machine are left RUNNING."""
+    KILLED, and a run of an earlier boot of this machine too. A live run, a search's run, a
+    run of another machine (even one with this host name) and a run of another pid
+    namespace (another container, or this one before a restart) are left RUNNING."""
     long_run = ["data=synthetic", "trainer.epochs=100000", NO_FIGURES]
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -396,11 +400,22 @@ def test_a_run_whose_process_was_killed_is_ended_by_the_next_run(tmp_path, mlflo
     assert client.get_run(dead_id).info.status == "RUNNING"
     exp = client.get_experiment_by_name("sweeps").experiment_id
     space, pid, started = dead_tags[PROCESS_TAG].rsplit("/", 2)
+    boot, ns = space.split("/")
+    here = {HOST_TAG: dead_tags[HOST_TAG], MACHINE_TAG: dead_tags.get(MACHINE_TAG, "")}
     others = {
         "search": {PROCESS_TAG: dead_tags[PROCESS_TAG], "sweeps.role": "trial"},
         "elsewhere": {PROCESS_TAG: f"another-boot/1/{pid}/{started}"},
+        "namesake": {
+            PROCESS_TAG: f"another-boot/{ns}/{pid}/{started}",
+            HOST_TAG: dead_tags[HOST_TAG],
+            MACHINE_TAG: "another-machine",
+        },
+        "other namespace": {PROCESS_TAG: f"{boot}/{int(ns) + 1}/{pid}/{started}", **here},
     }
     kept = {k: client.create_run(exp, tags=tags).info.run_id for k, tags in others.items()}
+    rebooted = client.create_run(
+        exp, tags={PROCESS_TAG: f"earlier-boot/{ns}/{os.getpid()}/{started}", **here}
+    ).info.run_id
 
     result = run(["data=synthetic", "trainer.epochs=1", NO_FIGURES], tmp_path, mlflow_store)
     assert result.returncode == 0, result.stderr
@@ -412,6 +427,9 @@ def test_a_run_whose_process_was_killed_is_ended_by_the_next_run(tmp_path, mlflo
     assert dead.data.tags[FAILURE_TAG] == f"its process ({pid}) died without ending it"
     for run_id in (alive_id, *kept.values()):
         assert client.get_run(run_id).info.status == "RUNNING", run_id
+    # without a machine id (many containers), an earlier boot is not told from another machine
+    expected = "KILLED" if dead_tags.get(MACHINE_TAG) else "RUNNING"
+    assert client.get_run(rebooted).info.status == expected
     alive.send_signal(signal.SIGINT)
     assert finish(alive, timeout=60).returncode == 130
     assert client.get_run(alive_id).info.status == "KILLED"

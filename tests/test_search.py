@@ -701,35 +701,45 @@ def test_stale_trials_of_dead_workers_are_failed_and_their_runs_killed(tmp_path,
             "mlflow.parentRunId": parent,
         },
     )
-    # Two workers in another container on this kernel with this host name (host networking):
-    # their pids mean nothing in this pid namespace, one of them is even this process's pid.
+    # Workers recorded with their process ids: this container before a restart (another pid
+    # namespace, this host name, its pid free here), an earlier boot of this machine, a
+    # machine that shares this host name, and a process with this process's pid and start
+    # in another pid namespace.
     boot, ns, _, _ = S.process_id().split("/")
-    neighbours = []
-    for pid in (_dead_pid(), os.getpid()):
+    gone_pid, me = _dead_pid(), os.getpid()
+    workers = {
+        "restarted": (f"{boot}/{int(ns) + 1}/{gone_pid}/1", gone_pid, S.machine_id()),
+        "rebooted": (f"earlier-boot/{ns}/{me}/1", me, S.machine_id()),
+        "namesake": (f"its-boot/{ns}/{gone_pid}/1", gone_pid, "another-machine"),
+        "same pid": (f"{boot}/{int(ns) + 1}/{me}/1", me, S.machine_id()),
+    }
+    numbers = {}
+    for name, (process, pid, machine) in workers.items():
         trial = search.study.ask()
         for key, value in (
             (S.ROUND, 1),
             (S.HOST, S.hostname()),
             (S.PID, pid),
-            (S.PID_START, "1"),
-            (S.PROCESS, f"{boot}/{int(ns) + 1}/{pid}/1"),
+            (S.PID_START, S.process_start(me) if name == "same pid" else "1"),
+            (S.PROCESS, process),
+            (S.MACHINE, machine),
         ):
             trial.set_user_attr(key, value)
-        neighbours.append(trial.number)
+        numbers[name] = trial.number
     with search.lock():
         failed = search.fail_stale()
-    assert sorted(failed) == [dead.number, orphan.number]
+    gone = [numbers["restarted"]] + ([numbers["rebooted"]] if S.machine_id() else [])
+    assert sorted(failed) == [dead.number, orphan.number, *gone]
     trials = search.study.get_trials(deepcopy=False)
-    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL] + [
-        TrialState.RUNNING
-    ] * 3
+    assert [t.state for t in trials[:3]] == [TrialState.FAIL, TrialState.FAIL, TrialState.RUNNING]
     assert trials[0].user_attrs[S.OUTCOME] == "stale" and "died" in trials[0].user_attrs[S.REASON]
-    assert S.tally(trials).counted == 0  # their slots run again
+    assert S.tally(trials[:2]).counted == 0  # their slots run again
     got = client.get_run(run.info.run_id)
     assert got.info.status == "KILLED" and got.data.tags["trial_state"] == "FAIL"
-    with search.lock():  # as this process ends: its own trials, not the neighbours'
+    with search.lock():  # as this process ends: its own trials, not the same pid's elsewhere
         assert search.fail_stale(include_own=True) == [alive.number]
-    assert all(search.study.trials[n].state == TrialState.RUNNING for n in neighbours)
+    for name in ("namesake", "same pid"):
+        assert search.study.trials[numbers[name]].state == TrialState.RUNNING, name
 
 
 def test_a_dead_launchers_study_is_ended_by_the_next_launcher(tmp_path, mlflow_store):
@@ -779,15 +789,24 @@ def test_a_dead_launchers_study_is_ended_by_the_next_launcher(tmp_path, mlflow_s
     elsewhere.study.set_user_attr(S.PARENT_URI, "sqlite:///" + str(tmp_path / "other.db"))
     elsewhere.study.set_user_attr(S.PARENT_RUN, "0" * 32)  # not in this store
 
-    # launched in another container on this kernel with this host name: not known dead here
-    neighbour, neighbour_parent, _ = study("neighbour", dead, None)
-    boot, ns, _, _ = S.process_id().split("/")
-    record = {"host": S.hostname(), "pid": dead, "pid_start": "1"}
-    neighbour.study.set_user_attr(S.LAUNCHER, {**record, "process": f"{boot}/{int(ns) + 1}/1/1"})
+    # launched on another machine that shares this host name: not known dead here
+    namesake, namesake_parent, _ = study("namesake", dead, None)
+    _, ns, _, _ = S.process_id().split("/")
+    namesake.study.set_user_attr(
+        S.LAUNCHER,
+        {
+            "host": S.hostname(),
+            "pid": dead,
+            "pid_start": "1",
+            "process": f"its-boot/{ns}/{dead}/1",
+            "machine": "another-machine",
+        },
+    )
 
     me = S.Search(load_config(tiny_args(storage, mlflow_store, study="me")))
     assert sorted(me.end_dead_studies()) == ["elsewhere", "gone"]
-    assert me.client().get_run(neighbour_parent).info.status == "RUNNING"
+    if S.machine_id():  # without one, a boot of another machine is judged by host name
+        assert me.client().get_run(namesake_parent).info.status == "RUNNING"
 
     client = me.client()
     got = client.get_run(gone_parent)

@@ -584,6 +584,9 @@ def test_without_proc_a_run_records_no_process_and_no_run_is_judged(monkeypatch)
     from sweeps import procs, tracking
 
     assert tracking.environment_tags()[tracking.PROCESS_TAG] == procs.process_id()
+    assert tracking.environment_tags()[tracking.HOST_TAG] == procs.hostname()
+    if procs.machine_id():
+        assert tracking.environment_tags()[tracking.MACHINE_TAG] == procs.machine_id()
     monkeypatch.setattr(procs, "pid_space", lambda: "")  # no /proc (macOS)
     assert procs.process_id() == ""
     assert tracking.PROCESS_TAG not in tracking.environment_tags()

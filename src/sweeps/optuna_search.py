@@ -384,6 +384,7 @@ def _claim_best(
                 "pid": search.pid,
                 "pid_start": search.pid_start,
                 "process": search.process,
+                "machine": search.machine,
                 "seeds": records,
             },
         )

@@ -76,20 +76,44 @@ def dead_here(ident: str) -> bool:
     return not process_alive(int(pid), start)
 
 
-def gone(ident: str, host: str, pid: int, start: str = "") -> bool:
+@functools.cache
+def machine_id() -> str:
+    """This installation's machine id (systemd's /etc/machine-id: the same across reboots,
+    its own on each machine); empty when there is none (many containers)."""
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            return Path(path).read_text().strip()
+        except OSError:
+            continue
+    return ""
+
+
+def gone(
+    ident: str, host: str, pid: int, start: str = "", machine: str = "", *, certain: bool = False
+) -> bool:
     """Whether the process a record names is known to be gone, by what the record kept: its
     ``ident`` (``process_id``; empty in records of older versions, or where /proc did not
-    tell), the name of its ``host``, its ``pid`` and start time. With an ident: a process of
-    this boot and pid namespace that is no longer running (``dead_here``), or a process of
-    an earlier boot of this host (a reboot ended it); a process of another container on
-    this kernel (which may share the host name, with host networking) or of another machine
-    is not known to be gone. Without one: a process of this host name whose pid is free or
-    was reused."""
+    tell), the name of its ``host``, its ``pid``, start time and ``machine`` id.
+
+    A process of this boot and pid namespace: by its pid and start (``dead_here``). One of
+    another boot, where both machine ids are known: gone when it ran on this machine (same
+    host name and machine id: a reboot ended it); a machine that merely shares the host name
+    is not judged. Otherwise (another pid namespace of this boot, most often this container
+    before a restart; a boot of a machine without a machine id, as in many containers; a
+    record without an ident), as records always were: a process of this host name whose pid
+    is free or reused here. That judges a restarted container's old workers gone, and would
+    judge wrongly a worker of a sibling container that shares this host name (host
+    networking) and has a pid that is free here: give such containers their own host
+    names. ``certain``: only the first two cases; in the others, not known to be gone."""
     space = pid_space()
     if ident and space:
-        if ident.split("/", 1)[0] != space.split("/", 1)[0]:  # another boot id
-            return host == hostname()
-        return dead_here(ident)
+        boot, here = ident.split("/", 1)[0], space.split("/", 1)[0]
+        if boot == here and ident.startswith(space + "/"):
+            return dead_here(ident)
+        if boot != here and machine and machine_id():
+            return machine == machine_id() and host == hostname()
+    if certain:
+        return False
     return host == hostname() and not process_alive(pid, start)
 
 

@@ -23,12 +23,13 @@ validation split, narrow the ranges to where the good trials are, repeat. Here:
   Trials that FAIL because their worker was interrupted or died (``outcome`` interrupted or
   stale, or no ``outcome`` when Optuna's heartbeat failed them) and rejected duplicates
   (``outcome=duplicate``) do not count: their slot is run again.
-- Stale trials: a worker records its host, pid, the pid's start time and its process id
-  (``procs.process_id``: boot id, pid namespace, pid, start) on each trial. Any worker, under
-  the lock (at start, and before each reservation), FAILs the RUNNING trials whose worker is
-  gone (``procs.gone``): a dead pid of its own boot and pid namespace, or a process of an
-  earlier boot of its host; a worker in another container on the same kernel, which may
-  share the host name, is not judged (the journal storage has no heartbeat in Optuna 5). RDB
+- Stale trials: a worker records its host, pid, the pid's start time, its process id
+  (``procs.process_id``: boot id, pid namespace, pid, start) and machine id on each trial.
+  Any worker, under the lock (at start, and before each reservation), FAILs the RUNNING
+  trials whose worker is gone (``procs.gone``): a dead pid of its own boot and pid
+  namespace, or a process of an earlier boot of its machine (host name and machine id); a
+  worker in another container on the same kernel, which may share the host name, or on
+  another machine is not judged (the journal storage has no heartbeat in Optuna 5). RDB
   storages also record heartbeats and fail trials silent for ``grace_period`` seconds (other
   machines and containers).
   The MLflow runs of such trials are ended KILLED, and the launcher ends any child run left
@@ -82,7 +83,7 @@ from sweeps.config import (
     interrupts_unwrapped,
     register_schemas,
 )
-from sweeps.procs import gone, hostname, is_this_process, process_id, process_start
+from sweeps.procs import gone, hostname, is_this_process, machine_id, process_id, process_start
 from sweeps.stores import redact
 from sweeps.tracking import sqlite_path
 from sweeps.train import Callback
@@ -121,6 +122,7 @@ TRIAL_WRITES = ("process", "inline")
 ROUND, OUTCOME, REASON = "round", "outcome", "fail_reason"
 HOST, PID, PID_START, WORKER = "worker_host", "worker_pid", "worker_started", "worker"
 PROCESS = "worker_process"  # procs.process_id(): which process, unambiguous across machines
+MACHINE = "worker_machine"  # procs.machine_id(): tells an earlier boot from another machine
 OVERRIDES, RUN_ID, DUPLICATE_OF = "overrides", "mlflow_run_id", "duplicate_of"
 # Study user attrs.
 SPEC, PARENT_RUN, PARENT_URI, BEST_TEST, LAUNCHER = (
@@ -1027,7 +1029,7 @@ class Search:
         self.worker = worker
         self.host, self.pid = hostname(), os.getpid()
         self.pid_start = process_start(self.pid)
-        self.process = process_id()
+        self.process, self.machine = process_id(), machine_id()
         self.bounds = original_bounds(self.space)
         self._samplers: dict[int, Any] = {}
         self._client = None
@@ -1296,6 +1298,7 @@ class Search:
                     "pid": self.pid,
                     "pid_start": self.pid_start,
                     "process": self.process,
+                    "machine": self.machine,
                 },
             )
 
@@ -1392,7 +1395,7 @@ class Search:
                 host, pid, process = attrs.get(HOST, ""), int(attrs[PID]), attrs.get(PROCESS, "")
                 if include_own and is_this_process(process, host, pid):
                     reason = "its worker was interrupted before recording it"
-                elif not gone(process, host, pid, attrs.get(PID_START, "")):
+                elif not gone(process, host, pid, attrs.get(PID_START, ""), attrs.get(MACHINE, "")):
                     continue
                 else:
                     reason = f"worker pid {pid} on {host} died while running it"
@@ -1557,6 +1560,7 @@ class Search:
                 (PID, self.pid),
                 (PID_START, self.pid_start),
                 (PROCESS, self.process),
+                (MACHINE, self.machine),
                 (WORKER, self.worker),
             ):
                 trial.set_user_attr(key, value)
@@ -1777,7 +1781,7 @@ RUN_END_GRACE = 60.0
 
 def record_gone(record: dict[str, Any]) -> bool:
     """``procs.gone`` for a launcher's or a best-test claim's record (host, pid, pid_start,
-    process); a record without a pid is not known to be gone."""
+    process, machine); a record without a pid is not known to be gone."""
     if "pid" not in record:
         return False
     return gone(
@@ -1785,6 +1789,7 @@ def record_gone(record: dict[str, Any]) -> bool:
         record.get("host", ""),
         int(record["pid"]),
         record.get("pid_start", ""),
+        record.get("machine", ""),
     )
 
 

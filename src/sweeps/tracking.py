@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 
 FAILURE_TAG = writer.FAILURE_TAG  # the reason a run ended FAILED or KILLED
 PROCESS_TAG = "host_process"  # procs.process_id() of the process that made the run
+HOST_TAG = "host_name"  # the host name of the machine that made the run
+MACHINE_TAG = "host_machine"  # its procs.machine_id(): an earlier boot, not another machine
 BACKGROUND_GRACE = 60.0  # seconds a failed run waits for its artifacts before it is ended
 METRICS_FLUSH_SECONDS = 5.0  # buffered metrics reach the store at least this often
 
@@ -869,10 +871,13 @@ def environment_tags() -> dict[str, str]:
         "numpy_version": np.__version__,
         "platform": platform.platform(),
         "host_pid": str(os.getpid()),
+        HOST_TAG: procs.hostname(),
         **git_state(),
     }
     if process := procs.process_id():  # which process, to tell later whether it died
         tags[PROCESS_TAG] = process  # (not where /proc does not say)
+    if machine := procs.machine_id():
+        tags[MACHINE_TAG] = machine
     return tags
 
 
@@ -880,26 +885,40 @@ def end_dead_runs(tracking_uri: str, experiment_name: str, artifact_root: str) -
     """End KILLED, with the reason in ``sweeps.failure``, the runs of this experiment left
     RUNNING by a ``sweeps.run`` process of this machine that is gone: killed with SIGKILL or
     by the kernel's OOM killer, or crashed in the interpreter, none of which lets a process
-    end its run. Only processes of this machine's current boot and pid namespace are judged
-    (``procs.dead_here``): a run of another machine or container sharing the store, or from
-    before a reboot, is left as it is. Search runs (tag ``sweeps.role``) are left to the
-    search, which knows their trials' states. Returns the ids of the runs it ended."""
+    end its run, or cut off by a reboot. Processes of this machine's current boot and pid
+    namespace are judged by their pid, and a run of an earlier boot of this machine (tags
+    ``host_name`` and ``host_machine``) is gone (``procs.gone``, ``certain``); a run of
+    another machine, or of another container sharing the store (even under this host name,
+    or this container before a restart: a run left RUNNING is only a label, a live run
+    ended KILLED would be wrong), is left as it is. Search runs (tag ``sweeps.role``) are
+    left to the search, which knows their trials' states. Returns the ids of the runs it
+    ended."""
     space = procs.pid_space()
     if not space:
         return []
     client = get_client(tracking_uri)
     exp_id = ensure_experiment(client, experiment_name, artifact_root, tracking_uri)
-    runs = client.search_runs(
-        [exp_id],
-        f"attributes.status = 'RUNNING' AND tags.{PROCESS_TAG} LIKE '{space}/%'",
-        max_results=1000,
-    )
+    running = "attributes.status = 'RUNNING'"
+    runs = {
+        run.info.run_id: run
+        for where in (
+            f"tags.{PROCESS_TAG} LIKE '{space}/%'",
+            f"tags.{HOST_TAG} = '{procs.hostname()}'",
+        )
+        for run in client.search_runs([exp_id], f"{running} AND {where}", max_results=1000)
+    }
     ended = []
-    for run in runs:
+    for run in runs.values():
         tags = run.data.tags
-        if "sweeps.role" in tags or not procs.dead_here(tags.get(PROCESS_TAG, "")):
-            continue
         pid = tags.get("host_pid", "?")
+        if "sweeps.role" in tags or not procs.gone(
+            tags.get(PROCESS_TAG, ""),
+            tags.get(HOST_TAG, ""),
+            int(pid) if pid.isdigit() else 0,
+            machine=tags.get(MACHINE_TAG, ""),
+            certain=True,
+        ):
+            continue
         client.set_tag(run.info.run_id, FAILURE_TAG, f"its process ({pid}) died without ending it")
         client.set_terminated(run.info.run_id, status="KILLED")
         ended.append(run.info.run_id)
