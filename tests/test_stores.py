@@ -260,6 +260,36 @@ def test_an_experiment_runs_cannot_go_to_is_an_error_before_the_study(
     assert MlflowClient(uri).search_runs([client.get_experiment_by_name("k").experiment_id]) == []
 
 
+def test_a_store_that_stops_answering_after_the_reachability_check_is_one_clear_error(
+    tmp_path, monkeypatch
+):
+    """A tracking server that goes down between the reachability check and the experiment
+    lookup: a StoreError naming the store and the experiment, not MLflow's traceback."""
+    from mlflow.exceptions import MlflowException
+
+    uri = "http://user:secret@127.0.0.1:5999"
+
+    class Down:
+        def get_experiment_by_name(self, name):
+            raise MlflowException(
+                f"API request to {uri}/api/2.0/mlflow/experiments/get-by-name failed with "
+                "exception HTTPConnectionPool(...): Max retries exceeded\nmore lines"
+            )
+
+    monkeypatch.setattr(tracking, "check_run_store", lambda uri, root: None)  # it answered
+    monkeypatch.setattr(tracking, "get_client", lambda uri: Down())
+    tracking._experiment_ids.clear()
+    with pytest.raises(stores.StoreError) as e:
+        tracking.check_recording(uri, "sweeps", stores.DEFAULT_ARTIFACT_ROOT)
+    message = str(e.value)
+    assert message.startswith(
+        "the MLflow tracking store at http://user:***@127.0.0.1:5999 failed while opening "
+        "experiment 'sweeps': API request to"
+    )
+    assert "Max retries exceeded" in message and "\n" not in message
+    assert "secret" not in message
+
+
 READERS = pytest.mark.parametrize(  # the commands that read runs, given a --tracking-uri
     "main",
     [

@@ -43,7 +43,7 @@ import numpy as np
 import sweeps
 from sweeps import procs, writer
 from sweeps.locks import flock
-from sweeps.stores import DEFAULT_ARTIFACT_ROOT, StoreError, check_run_store, sqlite_path
+from sweeps.stores import DEFAULT_ARTIFACT_ROOT, StoreError, check_run_store, redact, sqlite_path
 from sweeps.train import Callback, DivergedError, History
 
 log = logging.getLogger(__name__)
@@ -338,6 +338,13 @@ def check_recording(tracking_uri: str, name: str, artifact_root: str) -> None:
         ensure_experiment(get_client(tracking_uri), name, artifact_root, tracking_uri)
     except ValueError as e:
         raise StoreError(str(e)) from None
+    except Exception as e:  # it answered check_run_store, then stopped (a server going down)
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        first = first.replace(tracking_uri, redact(tracking_uri))  # no password in the message
+        raise StoreError(
+            f"the MLflow tracking store at {redact(tracking_uri)} failed while opening "
+            f"experiment {name!r}: {first}"
+        ) from None
 
 
 def _ensure_experiment(client, name: str, artifact_root: str, tracking_uri: str) -> str:
