@@ -4,6 +4,7 @@ and buffered metrics."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -15,8 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from mlflow import MlflowClient
+from omegaconf import OmegaConf
 
 from sweeps import plots, tracking
+from sweeps.config import validate
 from sweeps.experiment import load_splits, train
 from sweeps.train import Callback
 
@@ -592,3 +595,115 @@ def test_without_proc_a_run_records_no_process_and_no_run_is_judged(monkeypatch)
     assert tracking.PROCESS_TAG not in tracking.environment_tags()
     monkeypatch.setattr(tracking, "get_client", lambda uri: pytest.fail("the store was read"))
     assert tracking.end_dead_runs("sqlite:///unused.db", "sweeps", "unused") == []
+
+
+# -- a store that stops answering during a run ------------------------------------------------
+
+
+class _Outage:
+    """MlflowClient's log_batch and get_run failing while ``down``, as against a tracking
+    server that went away (MLflow raises once its own retries are spent); counts the calls
+    made while down."""
+
+    def __init__(self, monkeypatch, after_batches: int = 0) -> None:
+        from mlflow.exceptions import MlflowException
+
+        self.down, self.calls_while_down, self.batches = False, [], 0
+        for name in ("log_batch", "get_run"):
+            real = getattr(MlflowClient, name)
+
+            def call(client, *a, _real=real, _name=name, **k):
+                if _name == "log_batch":
+                    self.batches += 1
+                    if self.batches > after_batches > 0:
+                        self.down = True
+                if self.down:
+                    self.calls_while_down.append(_name)
+                    raise MlflowException(
+                        "API request to http://127.0.0.1:5055/api/2.0/mlflow/runs/log-batch "
+                        "failed with exception HTTPConnectionPool: Max retries exceeded"
+                    )
+                return _real(client, *a, **k)
+
+            monkeypatch.setattr(MlflowClient, name, call)
+
+
+def test_a_store_that_fails_during_training_gets_the_kept_metrics_once_it_answers(
+    mlflow_store, monkeypatch, caplog
+):
+    monkeypatch.setattr(tracking, "METRICS_FLUSH_SECONDS", 0.0)  # every queue sends
+    outage = _Outage(monkeypatch)
+    with _open(mlflow_store) as run:
+        run.queue_metrics([("val/acc", 0.1, 1)])  # sent
+        outage.down = True
+        run.queue_metrics([("val/acc", 0.2, 2)])  # fails: kept, training goes on
+        run.queue_tags({"data_digest": "abc"})
+        run.queue_metrics([("val/acc", 0.3, 3)])  # not even tried
+        assert run.lost is not None
+        assert outage.calls_while_down == ["log_batch"]
+        outage.down = False
+        assert run.online() and run.lost is None  # it answers again
+    assert "training goes on, and its metrics are kept" in caplog.text
+    client = MlflowClient(mlflow_store["uri"])
+    r = client.get_run(run.run_id)
+    assert r.info.status == "FINISHED" and r.data.tags["data_digest"] == "abc"
+    history = client.get_metric_history(run.run_id, "val/acc")
+    assert [(m.step, m.value) for m in history] == [(1, 0.1), (2, 0.2), (3, 0.3)]
+
+
+def test_a_store_gone_until_the_end_leaves_the_run_running_and_its_results_on_disk(
+    mlflow_store, compose_cfg, tmp_path, monkeypatch, caplog
+):
+    """sweeps.run's path: training goes on after the store fails; at the end the store is
+    asked once more, and as it is still gone, the config, history (every epoch), weights
+    and unsent metrics are written to disk, the run is left RUNNING without more store
+    calls (each would wait through MLflow's retries), and the error says where it all is."""
+    from sweeps.run import UNSENT, execute
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tracking, "METRICS_FLUSH_SECONDS", 0.0)
+    overrides = [
+        "data=synthetic",
+        "model.hidden_sizes=[16,16]",
+        "trainer.epochs=4",
+        f"mlflow.tracking_uri={mlflow_store['uri']}",
+        f"mlflow.artifact_root={mlflow_store['artifacts']}",
+    ]
+    dcfg = compose_cfg(overrides)
+    outage = _Outage(monkeypatch, after_batches=3)  # params, then epochs 1 and 2 reach it
+    with pytest.raises(tracking.TrackingLost) as e:
+        execute(validate(dcfg), OmegaConf.to_container(dcfg, resolve=True), overrides)
+    assert outage.calls_while_down == ["log_batch", "get_run"]  # the failure, one probe
+    client = MlflowClient(mlflow_store["uri"])
+    (r,) = client.search_runs([client.get_experiment_by_name("sweeps").experiment_id])
+    assert r.info.status == "RUNNING"
+    assert [m.step for m in client.get_metric_history(r.info.run_id, "val/acc")] == [1, 2]
+    kept = tmp_path / "mlruns" / UNSENT / r.info.run_id
+    message = str(e.value)
+    assert f"during run {r.info.run_id} (API request to" in message
+    assert f"are in {kept.resolve()}; the run is left RUNNING there" in message
+    assert (kept / "history.csv").read_text().count("\n") == 1 + 4  # header + every epoch
+    assert "epochs: 4" in (kept / "config.yaml").read_text()
+    params = np.load(kept / "model" / "params.npz")
+    assert set(params.files) >= {"W1", "b1", "W3"}
+    unsent = json.loads((kept / "unsent.json").read_text())
+    assert unsent["run_id"] == r.info.run_id
+    steps = {m["step"] for m in unsent["metrics"] if m["key"] == "val/acc"}
+    assert steps == {3, 4}
+    assert {m["key"] for m in unsent["metrics"]} >= {"test/acc", "test/loss"}
+    assert f"run {r.info.run_id} is left RUNNING" in caplog.text
+
+
+def test_ctrl_c_while_the_store_is_lost_leaves_the_run_running_without_waiting_for_it(
+    mlflow_store, monkeypatch
+):
+    monkeypatch.setattr(tracking, "METRICS_FLUSH_SECONDS", 0.0)
+    outage = _Outage(monkeypatch)
+    with pytest.raises(KeyboardInterrupt) as e, _open(mlflow_store) as run:
+        outage.down = True
+        run.queue_metrics([("val/acc", 0.2, 1)])  # fails: the store is lost
+        raise KeyboardInterrupt
+    assert tracking.left_running(e.value)
+    assert outage.calls_while_down == ["log_batch"]  # no flush, tag or end that would wait
+    outage.down = False
+    assert MlflowClient(mlflow_store["uri"]).get_run(run.run_id).info.status == "RUNNING"

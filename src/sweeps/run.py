@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, cast
 
 import hydra
@@ -175,7 +177,6 @@ def execute(
         cbs.extend(callbacks)
         trained = train(cfg, cbs, splits=splits, rng=rng)
         history = trained.history
-        run.log_text(tracking.history_csv(history), "history.csv")
         test: dict[str, float] = {}
         if evaluate_test:
             loss, acc = trained.model.evaluate(
@@ -186,7 +187,49 @@ def execute(
             run.queue_metrics([(k, v, step) for k, v in test.items()])  # sent as the run ends
         val_acc = history.last("val/acc") if splits.val is not None else None
         run.queue_tags(end_tags or {})
+        if not run.online():  # the store went away during training and is still gone
+            assert isinstance(run, tracking.Run) and run.lost is not None
+            kept = keep_unsent(run, resolved, overrides, history, trained.model)
+            results = ", ".join(
+                f"{k} {v:.4f}" for k, v in (("val/acc", val_acc), *test.items()) if v is not None
+            )
+            raise tracking.TrackingLost(
+                f"the MLflow tracking store at {stores.redact(m.tracking_uri)} stopped answering "
+                f"during run {run.ref} ({tracking._first_line(run.lost)}); training finished "
+                f"({results}) and its config, history, weights and unsent metrics are in "
+                f"{kept}; the run is left RUNNING there, and the next sweeps.run on this "
+                "machine into this experiment ends it KILLED"
+            )
+        run.log_text(tracking.history_csv(history), "history.csv")
         return Outcome(run.run_id, history, val_acc, test, tracking.ui_command(m.tracking_uri))
+
+
+UNSENT = "unsent"  # the folder, in the run's Hydra output folder, of what a lost store missed
+
+
+def keep_unsent(
+    run: tracking.Run,
+    resolved: Mapping[str, Any],
+    overrides: Sequence[str],
+    history: History,
+    model: Any,
+) -> Path:
+    """Write what a run whose store stopped answering made, and the store did not get, into
+    ``UNSENT`` in its Hydra output folder (``mlruns/unsent/<run id>`` outside Hydra):
+    config.yaml, overrides.yaml, history.csv (every epoch), model/params.npz, unsent.json
+    (the metrics and tags not sent, with their steps and timestamps). Returns the folder."""
+    try:
+        folder = Path(HydraConfig.get().runtime.output_dir) / UNSENT
+    except ValueError:  # not under Hydra (a direct call of execute)
+        folder = Path("mlruns") / UNSENT / run.ref
+    (folder / "model").mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(tracking.config_yaml(resolved))
+    (folder / "overrides.yaml").write_text("\n".join(f"- {o}" for o in overrides) + "\n")
+    (folder / "history.csv").write_text(tracking.history_csv(history))
+    np.savez(folder / "model" / "params.npz", allow_pickle=False, **model.state_dict())
+    unsent = {"run_id": run.ref, **run.unsent()}
+    (folder / "unsent.json").write_text(json.dumps(unsent) + "\n")
+    return folder.resolve()
 
 
 class _null_context:
@@ -256,10 +299,17 @@ def _hydra_main(dcfg: DictConfig) -> float | None:
             outcome = execute(cfg, resolved, overrides, choices=choices)
     except KeyboardInterrupt as e:
         marked = "; the MLflow run is marked KILLED" if cfg.mlflow.enabled else ""
+        if tracking.left_running(e):
+            marked = "; the MLflow run is left RUNNING: its tracking store does not answer"
         print(f"\ninterrupted ({str(e) or 'Ctrl-C'}){marked}", file=sys.stderr)
         raise SystemExit(143 if isinstance(e, tracking.Terminated) else 130) from None
     except DivergedError as e:
         print(f"error: {e}; the MLflow run is marked FAILED", file=sys.stderr)
+        if multirun:
+            return None
+        raise SystemExit(1) from None
+    except tracking.TrackingLost as e:
+        print(f"error: {e}", file=sys.stderr)
         if multirun:
             return None
         raise SystemExit(1) from None

@@ -56,6 +56,11 @@ BACKGROUND_GRACE = 60.0  # seconds a failed run waits for its artifacts before i
 METRICS_FLUSH_SECONDS = 5.0  # buffered metrics reach the store at least this often
 
 
+class TrackingLost(RuntimeError):
+    """The tracking store stopped answering during a run and did not answer again by its
+    end: what the run made is kept on disk instead (``sweeps.run``)."""
+
+
 class ArtifactError(RuntimeError):
     """Drawing or uploading an artifact on a run's background thread failed."""
 
@@ -339,8 +344,7 @@ def check_recording(tracking_uri: str, name: str, artifact_root: str) -> None:
     except ValueError as e:
         raise StoreError(str(e)) from None
     except Exception as e:  # it answered check_run_store, then stopped (a server going down)
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        first = first.replace(tracking_uri, redact(tracking_uri))  # no password in the message
+        first = _first_line(e).replace(tracking_uri, redact(tracking_uri))  # no password
         raise StoreError(
             f"the MLflow tracking store at {redact(tracking_uri)} failed while opening "
             f"experiment {name!r}: {first}"
@@ -429,6 +433,9 @@ class Run:
         self._tags: dict[str, str] = {}  # queued, unsent
         self._held: list[tuple[str, float, int, int]] = []  # sent only at the end (hold_metrics)
         self._sent = time.monotonic()
+        #: the store's failure during training (``flush_metrics``), until it answers again
+        self.lost: Exception | None = None
+        self._given_up = False  # ``online`` asked the store again and it did not answer
 
     @property
     def run_id(self) -> str:
@@ -507,16 +514,63 @@ class Run:
         self._tags.update({k: str(v) for k, v in tags.items()})
 
     def flush_metrics(self, final: bool = False) -> None:
-        """Send the buffered metrics and the queued tags; ``final``: the held metrics too."""
+        """Send the buffered metrics and the queued tags; ``final``: the held metrics too.
+
+        The store failing during training (not ``final``; a direct client, not a search
+        worker's deferred one) does not stop it: the metrics and tags stay buffered,
+        ``lost`` keeps the error (one warning), and nothing more is sent until ``online``
+        finds the store answering again. A final send that fails raises, with them still
+        buffered."""
         from mlflow.entities import Metric, RunTag
 
-        buffered, self._metrics = self._metrics, []
-        if final:
-            buffered, self._held = buffered + self._held, []
-        tags, self._tags = [RunTag(k, v) for k, v in self._tags.items()], {}
+        if self.lost is not None and not final:
+            return
+        buffered = self._metrics + (self._held if final else [])
+        tags = [RunTag(k, v) for k, v in self._tags.items()]
         self._sent = time.monotonic()
-        if buffered or tags:
+        if not (buffered or tags):
+            return
+        try:
             self._log_batch([Metric(*m) for m in buffered], (), tags)
+        except Exception as e:
+            if final or isinstance(self.client, writer.DeferredClient):
+                raise
+            self.lost = e
+            log.warning(
+                "run %s: the tracking store failed (%s); training goes on, and its metrics "
+                "are kept for the end of the run",
+                self.ref,
+                _first_line(e),
+            )
+            return
+        self._metrics, self._tags = [], {}
+        if final:
+            self._held = []
+
+    def online(self) -> bool:
+        """Whether the store takes this run's records: True unless it failed during training
+        (``lost``); then it is asked once more (one request, MLflow's retries included) and,
+        if it answers, sending resumes; if not, False from then on."""
+        if self.lost is None:
+            return True
+        if self._given_up:
+            return False
+        try:
+            with signals_held():
+                self.client.get_run(self.ref)
+        except Exception as e:
+            self.lost, self._given_up = e, True
+            return False
+        log.info("run %s: the tracking store answers again; sending what was kept", self.ref)
+        self.lost = None
+        return True
+
+    def unsent(self) -> dict[str, Any]:
+        """What is buffered and not sent (metrics as key, value, timestamp in ms, step;
+        the queued tags), for keeping it elsewhere when the store is gone."""
+        rows = self._metrics + self._held
+        keys = ("key", "value", "timestamp", "step")
+        return {"metrics": [dict(zip(keys, m, strict=True)) for m in rows], "tags": self._tags}
 
     def _log_batch(self, metrics: Sequence, params: Sequence, tags: Sequence) -> None:
         """As few log_batch calls as MLflow's limits allow (per call: 1000 metrics, 100
@@ -616,6 +670,10 @@ class NullRun:
     """Tracking switched off: same interface, records nothing."""
 
     run_id = None
+    lost = None
+
+    def online(self) -> bool:
+        return True
 
     def log_figure(self, fig, path: str) -> None:  # noqa: ARG002
         from sweeps.plots import close
@@ -644,7 +702,10 @@ def open_run(
     waiting up to ``BACKGROUND_GRACE`` seconds for the artifacts already submitted (the
     histograms at initialization of a diverged run); KILLED on KeyboardInterrupt or SIGTERM
     (see ``sigterm_as_interrupt``) at once, dropping the artifacts not started. The
-    exception is re-raised.
+    exception is re-raised. A run whose store stopped answering during training and did not
+    answer again (``Run.lost``) is left RUNNING, without more calls to the store (each would
+    wait through MLflow's retries, minutes): the next ``sweeps.run`` on this machine into
+    this experiment ends it KILLED (``end_dead_runs``).
     """
     client = get_client(tracking_uri)
     exp_id = ensure_experiment(client, experiment_name, artifact_root, tracking_uri)
@@ -667,13 +728,20 @@ def open_run(
         run.flush_metrics(final=True)
         run.wait_background()
         run.check_background()
-    except KeyboardInterrupt as e:
-        if run is not None:
+    except BaseException as e:
+        if run is not None and run.lost is not None:  # each store call would wait minutes
+            run.cancel_background()
+            e.add_note(LEFT_RUNNING)
+            log.warning(
+                "run %s is left RUNNING: the tracking store does not answer (%s); the next "
+                "sweeps.run on this machine into this experiment ends it KILLED",
+                run.ref,
+                _first_line(run.lost),
+            )
+        elif run is not None and isinstance(e, KeyboardInterrupt):
             run.cancel_background()
             _end_quietly(run, "KILLED", f"interrupted: {type(e).__name__} {e}".strip())
-        raise
-    except BaseException as e:
-        if run is not None:
+        elif run is not None:
             with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: stop waiting, end the run
                 if not run.wait_background(BACKGROUND_GRACE):
                     log.warning("run %s: artifacts still pending were dropped", run.ref)
@@ -684,6 +752,19 @@ def open_run(
     else:
         assert run is not None
         run.end("FINISHED")
+
+
+LEFT_RUNNING = "left RUNNING: its tracking store does not answer"  # open_run's note
+
+
+def left_running(e: BaseException) -> bool:
+    """Whether ``open_run`` left its run RUNNING as ``e`` went through (its store was lost)."""
+    return LEFT_RUNNING in getattr(e, "__notes__", ())
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _end_quietly(run: Run, status: str, reason: str) -> None:
@@ -785,6 +866,8 @@ class MlflowCallback(Callback):
         self.run.check_background()  # a figure that failed to log stops the run now
 
     def on_train_end(self, history: History, model) -> None:
+        if not self.run.online():  # nothing would take them: sweeps.run keeps them on disk
+            return
         if self.log_figures:
             self._histograms(model, "activations/final.png", "after training")
             epochs = [dict(e) for e in history.epochs]
