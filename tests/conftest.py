@@ -14,7 +14,7 @@ import os
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 import children
+import servers
 from sweeps.config import RunConfig, conf_dir, register_schemas, validate
 
 
@@ -81,3 +82,13 @@ def _no_process_outlives_its_test():
     is killed (a failed assertion must not leave a 100000-epoch run training)."""
     yield
     children.kill_leftovers()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path, _mlflow_template) -> Iterator[dict[str, str]]:
+    """``mlflow server`` on loopback over a copy of the template store: how machines share
+    one tracking store (``servers.start_mlflow``; ``servers.stop_mlflow(store)`` takes it
+    down in the middle of a test)."""
+    store = servers.start_mlflow(tmp_path / "server", _mlflow_template)
+    yield store
+    servers.stop_mlflow(store)

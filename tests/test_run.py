@@ -711,3 +711,56 @@ def test_every_experiment_overlay_runs(compose_cfg, name):
     assert 0 <= outcome.test["test/acc"] <= 1
     no_validation = cfg.data.val_fraction == 0 and cfg.data.validation == "holdout"
     assert (outcome.val_acc is None) == no_validation
+
+
+@pytest.mark.slow
+def test_a_tracking_server_that_goes_away_mid_run_loses_no_result(
+    tmp_path, mlflow_server, monkeypatch
+):
+    """The tracking server goes down after the first metrics reached it: training goes on to
+    its last epoch, and the command exits 1 naming the folder that holds the config, every
+    epoch's history, the weights and the metrics the server missed; the server's records
+    and the folder's together hold every epoch. The run is left RUNNING on the server."""
+    import json
+
+    import servers
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # no minutes of retries
+    epochs = 300
+    args = [
+        "data=synthetic",
+        "data.synthetic_train=6000",
+        f"trainer.epochs={epochs}",
+        "mlflow.batch_loss_every=1000",
+        NO_FIGURES,
+    ]
+    proc = start(args, tmp_path, mlflow_server)
+    run_id = _wait_for_running(mlflow_server, proc)
+    client = MlflowClient(tracking_uri=mlflow_server["uri"])
+    deadline = time.monotonic() + 90
+    while not client.get_metric_history(run_id, "val/acc"):  # the first send, after 5 s
+        assert proc.poll() is None and time.monotonic() < deadline, "no metrics reached it"
+        time.sleep(0.2)
+    servers.stop_mlflow(mlflow_server)
+    result = finish(proc, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert f"stopped answering during run {run_id} (" in result.stderr
+    folder = Path(re.search(r"are in (\S+); the run is left RUNNING", result.stderr)[1])
+    assert folder.name == "unsent" and folder.parent.parent.parent.name == "hydra"
+    history = (folder / "history.csv").read_text().splitlines()
+    assert len(history) == 1 + epochs  # every epoch, the last ones included
+    assert f"epochs: {epochs}" in (folder / "config.yaml").read_text()
+    assert "W1" in np.load(folder / "model" / "params.npz").files
+    unsent = json.loads((folder / "unsent.json").read_text())
+    assert unsent["run_id"] == run_id
+    kept = {m["step"] for m in unsent["metrics"] if m["key"] == "val/acc"}
+    stored_run = MlflowClient(tracking_uri=mlflow_server["db"]).get_run(run_id)
+    assert stored_run.info.status == "RUNNING"
+    stored = {
+        m.step
+        for m in MlflowClient(tracking_uri=mlflow_server["db"]).get_metric_history(
+            run_id, "val/acc"
+        )
+    }
+    assert stored and kept and stored | kept == set(range(1, epochs + 1))
+    assert {m["key"] for m in unsent["metrics"]} >= {"test/acc", "test/loss"}

@@ -8,16 +8,12 @@ psycopg) are installed.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
 import time
-import urllib.request
 
 import pytest
 from optuna.trial import TrialState
 
-from pg import PgServer, find_bindir, free_port
+from pg import PgServer, find_bindir
 from search_helpers import check_invariants, load_study, tiny_args
 from sweeps import search as S
 from sweeps.optuna_search import load_config, main
@@ -48,47 +44,6 @@ def postgres_url():
         pytest.fail(f"could not start PostgreSQL from {bindir}: {e}")
     yield url
     server.stop()
-
-
-@pytest.fixture
-def mlflow_server(tmp_path, _mlflow_template):
-    """``mlflow server`` on loopback over a copy of the template store: how machines share
-    one tracking store. Artifacts are proxied by the server (``mlflow-artifacts:``)."""
-    root = tmp_path / "server"
-    root.mkdir()
-    shutil.copy(_mlflow_template, root / "mlflow.db")
-    port = free_port()
-    cmd = [
-        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-        "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination", str(root / "artifacts"),
-    ]  # fmt: skip
-    log = open(root / "server.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            log.close()
-            pytest.fail(
-                f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}"
-            )
-        time.sleep(0.5)
-    yield {"uri": url, "artifacts": str(root / "artifacts"), "dir": str(root)}
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    log.close()
 
 
 @pytest.mark.slow
