@@ -18,7 +18,7 @@ import pytest
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
-from sweeps import plots, tracking
+from sweeps import plots, resend, tracking
 from sweeps.config import validate
 from sweeps.experiment import load_splits, train
 from sweeps.train import Callback
@@ -652,12 +652,13 @@ def test_a_store_that_fails_during_training_gets_the_kept_metrics_once_it_answer
 
 
 def test_a_store_gone_until_the_end_leaves_the_run_running_and_its_results_on_disk(
-    mlflow_store, compose_cfg, tmp_path, monkeypatch, caplog
+    mlflow_store, compose_cfg, tmp_path, monkeypatch, caplog, capsys
 ):
     """sweeps.run's path: training goes on after the store fails; at the end the store is
     asked once more, and as it is still gone, the config, history (every epoch), weights
     and unsent metrics are written to disk, the run is left RUNNING without more store
-    calls (each would wait through MLflow's retries), and the error says where it all is."""
+    calls (each would wait through MLflow's retries), and the error says where it all is.
+    Once the store answers, ``sweeps.resend`` sends it and the run ends FINISHED."""
     from sweeps.run import UNSENT, execute
 
     monkeypatch.chdir(tmp_path)
@@ -691,7 +692,25 @@ def test_a_store_gone_until_the_end_leaves_the_run_running_and_its_results_on_di
     steps = {m["step"] for m in unsent["metrics"] if m["key"] == "val/acc"}
     assert steps == {3, 4}
     assert {m["key"] for m in unsent["metrics"]} >= {"test/acc", "test/loss"}
+    assert unsent["tracking_uri"] == mlflow_store["uri"]
     assert f"run {r.info.run_id} is left RUNNING" in caplog.text
+    assert message.endswith(f"until they are sent: python -m sweeps.resend {kept.resolve()}")
+
+    # A later sweeps.run ended it KILLED (its process is gone); the store answers again.
+    client.set_tag(r.info.run_id, tracking.FAILURE_TAG, "its process (1) died without ending it")
+    client.set_terminated(r.info.run_id, status="KILLED")
+    outage.down, outage.batches = False, -(10**9)
+    assert resend.main([str(kept)]) == 0
+    got = client.get_run(r.info.run_id)
+    assert got.info.status == "FINISHED" and tracking.FAILURE_TAG not in got.data.tags
+    history = client.get_metric_history(r.info.run_id, "val/acc")
+    assert [m.step for m in history] == [1, 2, 3, 4]  # every epoch, each once
+    assert len(client.get_metric_history(r.info.run_id, "test/acc")) == 1
+    assert {"history.csv", "model/params.npz"} <= _artifacts(client, r.info.run_id)
+    assert (kept / "sent.json").is_file() and not (kept / "unsent.json").exists()
+    capsys.readouterr()
+    assert resend.main([str(kept)]) == 2  # nothing is sent twice
+    assert "was sent already (sent.json)" in capsys.readouterr().err
 
 
 def test_ctrl_c_while_the_store_is_lost_leaves_the_run_running_without_waiting_for_it(
@@ -707,3 +726,23 @@ def test_ctrl_c_while_the_store_is_lost_leaves_the_run_running_without_waiting_f
     assert outage.calls_while_down == ["log_batch"]  # no flush, tag or end that would wait
     outage.down = False
     assert MlflowClient(mlflow_store["uri"]).get_run(run.run_id).info.status == "RUNNING"
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (None, "holds no unsent.json: not a folder sweeps.run kept a run in"),
+        ("{not json", "cannot read"),
+        ('{"run_id": "x"}', "lacks tracking_uri, metrics, tags: not written by sweeps.run"),
+    ],
+    ids=["no file", "not json", "not ours"],
+)
+def test_resend_refuses_a_folder_it_cannot_send_before_touching_a_store(
+    tmp_path, monkeypatch, capsys, content, expected
+):
+    monkeypatch.setattr(tracking, "get_client", lambda uri: pytest.fail("a store was opened"))
+    if content is not None:
+        (tmp_path / "unsent.json").write_text(content)
+    assert resend.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expected in err and str(tmp_path) in err

@@ -197,8 +197,9 @@ def execute(
                 f"the MLflow tracking store at {stores.redact(m.tracking_uri)} stopped answering "
                 f"during run {run.ref} ({tracking._first_line(run.lost)}); training finished "
                 f"({results}) and its config, history, weights and unsent metrics are in "
-                f"{kept}; the run is left RUNNING there, and the next sweeps.run on this "
-                "machine into this experiment ends it KILLED"
+                f"{kept}; the run is left RUNNING there (the next sweeps.run on this "
+                "machine into this experiment ends it KILLED) until they are sent: "
+                f"python -m sweeps.resend {kept}"
             )
         run.log_text(tracking.history_csv(history), "history.csv")
         return Outcome(run.run_id, history, val_acc, test, tracking.ui_command(m.tracking_uri))
@@ -217,7 +218,8 @@ def keep_unsent(
     """Write what a run whose store stopped answering made, and the store did not get, into
     ``UNSENT`` in its Hydra output folder (``mlruns/unsent/<run id>`` outside Hydra):
     config.yaml, overrides.yaml, history.csv (every epoch), model/params.npz, unsent.json
-    (the metrics and tags not sent, with their steps and timestamps). Returns the folder."""
+    (the metrics and tags not sent, with their steps and timestamps, and the store's URI),
+    which ``python -m sweeps.resend`` sends once the store answers. Returns the folder."""
     try:
         folder = Path(HydraConfig.get().runtime.output_dir) / UNSENT
     except ValueError:  # not under Hydra (a direct call of execute)
@@ -227,7 +229,11 @@ def keep_unsent(
     (folder / "overrides.yaml").write_text("\n".join(f"- {o}" for o in overrides) + "\n")
     (folder / "history.csv").write_text(tracking.history_csv(history))
     np.savez(folder / "model" / "params.npz", allow_pickle=False, **model.state_dict())
-    unsent = {"run_id": run.ref, **run.unsent()}
+    uri = run.client.tracking_uri
+    db = stores.sqlite_path(uri)
+    if db is not None and not db.is_absolute():  # resend may run from another folder
+        uri = f"sqlite:///{db.resolve()}"
+    unsent = {"run_id": run.ref, "tracking_uri": uri, **run.unsent()}
     (folder / "unsent.json").write_text(json.dumps(unsent) + "\n")
     return folder.resolve()
 

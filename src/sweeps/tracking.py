@@ -572,6 +572,14 @@ class Run:
         keys = ("key", "value", "timestamp", "step")
         return {"metrics": [dict(zip(keys, m, strict=True)) for m in rows], "tags": self._tags}
 
+    def send_kept(self, kept: Mapping[str, Any]) -> None:
+        """Send what ``unsent`` returned (its metrics with their own steps and timestamps,
+        its tags), once the store answers again (``sweeps.resend``)."""
+        from mlflow.entities import Metric, RunTag
+
+        metrics = [Metric(m["key"], m["value"], m["timestamp"], m["step"]) for m in kept["metrics"]]
+        self._log_batch(metrics, (), [RunTag(k, v) for k, v in kept["tags"].items()])
+
     def _log_batch(self, metrics: Sequence, params: Sequence, tags: Sequence) -> None:
         """As few log_batch calls as MLflow's limits allow (per call: 1000 metrics, 100
         params, 100 tags, 1000 entities in all)."""

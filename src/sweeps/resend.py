@@ -1,0 +1,83 @@
+"""``python -m sweeps.resend FOLDER``: send what a run kept on disk when its tracking store
+stopped answering (``sweeps.run`` writes it to ``unsent/`` in the run's output folder and
+names the folder in its error), once the store answers again.
+
+It sends the kept metrics (with their own steps and timestamps) and tags to the run, uploads
+``history.csv`` and ``model/params.npz`` as the run's artifacts, drops the ``sweeps.failure``
+reason a later ``sweeps.run`` may have set when it ended the run KILLED, and ends the run
+FINISHED. ``unsent.json`` then becomes ``sent.json``: a second call sends nothing twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from sweeps import stores, tracking
+
+UNSENT, SENT = "unsent.json", "sent.json"
+
+
+def resend(folder: Path, tracking_uri: str | None = None) -> str:
+    """Send ``folder``'s kept records to their run and end it FINISHED; returns the run id.
+    ValueError for a folder that holds no kept run; StoreError for a store that does not
+    answer (nothing is sent then)."""
+    kept_file = folder / UNSENT
+    if not kept_file.is_file():
+        if (folder / SENT).is_file():
+            raise ValueError(f"{folder} was sent already ({SENT}); nothing to send")
+        raise ValueError(f"{folder} holds no {UNSENT}: not a folder sweeps.run kept a run in")
+    try:
+        kept = json.loads(kept_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {kept_file}: {e}") from None
+    missing = [k for k in ("run_id", "tracking_uri", "metrics", "tags") if k not in kept]
+    if missing:
+        raise ValueError(f"{kept_file} lacks {', '.join(missing)}: not written by sweeps.run")
+    uri = tracking_uri or kept["tracking_uri"]
+    stores.check_reachable(uri, "MLflow tracking store")
+    client = tracking.get_client(uri)
+    try:
+        info = client.get_run(kept["run_id"]).info
+    except Exception as e:
+        raise stores.StoreError(
+            f"run {kept['run_id']} is not in the MLflow tracking store at {stores.redact(uri)}: "
+            f"{tracking._first_line(e)}"
+        ) from None
+    run = tracking.Run(client, info.run_id, info.artifact_uri)
+    run.send_kept(kept)
+    run.log_text((folder / "history.csv").read_text(), "history.csv")
+    params = folder / "model" / "params.npz"
+    if params.is_file():
+        run.log_bytes(params.read_bytes(), "model/params.npz")
+    if tracking.FAILURE_TAG in client.get_run(info.run_id).data.tags:
+        client.delete_tag(info.run_id, tracking.FAILURE_TAG)  # "its process died": it did not
+    run.end("FINISHED")
+    os.replace(kept_file, folder / SENT)
+    return info.run_id
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m sweeps.resend", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("folder", type=Path, help="the unsent/ folder sweeps.run named")
+    parser.add_argument(
+        "--tracking-uri", help="the store to send to (default: the one the run was in)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        run_id = resend(args.folder, args.tracking_uri)
+    except (ValueError, stores.StoreError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"sent {args.folder} to run {run_id}, now FINISHED")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
