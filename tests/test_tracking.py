@@ -746,3 +746,46 @@ def test_resend_refuses_a_folder_it_cannot_send_before_touching_a_store(
     assert resend.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and expected in err and str(tmp_path) in err
+
+
+def test_a_lost_tracking_server_is_asked_again_while_training_goes_on(monkeypatch):
+    """Once the server answers its health check again, sending resumes during training, the
+    kept metrics first: a server restart does not leave the run's curves blank until its
+    end. While it does not answer, no request goes to it but the health check."""
+    from mlflow.exceptions import MlflowException
+
+    from sweeps import stores
+
+    class Client:
+        tracking_uri = "http://127.0.0.1:5999"
+        up = True
+
+        def __init__(self) -> None:
+            self.sent: list[list[tuple[str, int]]] = []
+
+        def log_batch(self, run_id, metrics, params, tags, synchronous):
+            if not self.up:
+                raise MlflowException("Max retries exceeded")
+            self.sent.append([(m.key, m.step) for m in metrics])
+
+    health: list[bool] = []
+
+    def check(uri, what, timeout):
+        health.append(Client.up)
+        if not Client.up:
+            raise stores.StoreError("does not answer")
+
+    monkeypatch.setattr(stores, "check_reachable", check)
+    monkeypatch.setattr(tracking, "METRICS_FLUSH_SECONDS", 0.0)
+    monkeypatch.setattr(tracking, "PROBE_SECONDS", 0.0)
+    client = Client()
+    run = tracking.Run(client, "r1", "file:///unused")
+    run.queue_metrics([("val/acc", 0.1, 1)])
+    Client.up = False
+    run.queue_metrics([("val/acc", 0.2, 2)])  # fails: lost
+    run.queue_metrics([("val/acc", 0.3, 3)])  # health check only
+    assert run.lost is not None and health == [False]
+    Client.up = True
+    run.queue_metrics([("val/acc", 0.4, 4)])  # back: everything kept goes, in order
+    assert run.lost is None and health == [False, True]
+    assert client.sent == [[("val/acc", 1)], [("val/acc", 2), ("val/acc", 3), ("val/acc", 4)]]

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 import sweeps
-from sweeps import procs, writer
+from sweeps import procs, stores, writer
 from sweeps.locks import flock
 from sweeps.stores import DEFAULT_ARTIFACT_ROOT, StoreError, check_run_store, redact, sqlite_path
 from sweeps.train import Callback, DivergedError, History
@@ -54,6 +54,7 @@ HOST_TAG = "host_name"  # the host name of the machine that made the run
 MACHINE_TAG = "host_machine"  # its procs.machine_id(): an earlier boot, not another machine
 BACKGROUND_GRACE = 60.0  # seconds a failed run waits for its artifacts before it is ended
 METRICS_FLUSH_SECONDS = 5.0  # buffered metrics reach the store at least this often
+PROBE_SECONDS = 60.0  # a lost tracking server is asked this often whether it is back
 
 
 class TrackingLost(RuntimeError):
@@ -436,6 +437,7 @@ class Run:
         #: the store's failure during training (``flush_metrics``), until it answers again
         self.lost: Exception | None = None
         self._given_up = False  # ``online`` asked the store again and it did not answer
+        self._probed = 0.0  # when a lost server was last asked whether it is back
 
     @property
     def run_id(self) -> str:
@@ -518,12 +520,13 @@ class Run:
 
         The store failing during training (not ``final``; a direct client, not a search
         worker's deferred one) does not stop it: the metrics and tags stay buffered,
-        ``lost`` keeps the error (one warning), and nothing more is sent until ``online``
-        finds the store answering again. A final send that fails raises, with them still
-        buffered."""
+        ``lost`` keeps the error (one warning), and nothing more is sent until the store
+        answers again: a tracking server's health check (2 s at most, without MLflow's
+        minutes of retries) every ``PROBE_SECONDS`` while training goes on (``_back``), or
+        ``online`` at the end. A final send that fails raises, with them still buffered."""
         from mlflow.entities import Metric, RunTag
 
-        if self.lost is not None and not final:
+        if self.lost is not None and not final and not self._back():
             return
         buffered = self._metrics + (self._held if final else [])
         tags = [RunTag(k, v) for k, v in self._tags.items()]
@@ -546,6 +549,22 @@ class Run:
         self._metrics, self._tags = [], {}
         if final:
             self._held = []
+
+    def _back(self) -> bool:
+        """Whether a lost tracking server answers its health check again (asked at most
+        every ``PROBE_SECONDS``); other stores are asked only at the end (``online``)."""
+        uri = getattr(self.client, "tracking_uri", "")
+        now = time.monotonic()
+        if stores.scheme(uri) not in stores.SERVERS or now - self._probed < PROBE_SECONDS:
+            return False
+        self._probed = now
+        try:
+            stores.check_reachable(uri, "MLflow tracking store", timeout=2.0)
+        except stores.StoreError:
+            return False
+        log.info("run %s: the tracking server answers again; sending what was kept", self.ref)
+        self.lost = None
+        return True
 
     def online(self) -> bool:
         """Whether the store takes this run's records: True unless it failed during training
