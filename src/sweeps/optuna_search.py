@@ -377,16 +377,7 @@ def _claim_best(
                 return None
         search.study.set_user_attr(
             S.BEST_TEST,
-            {
-                "trial": trial,
-                "value": value,
-                "host": search.host,
-                "pid": search.pid,
-                "pid_start": search.pid_start,
-                "process": search.process,
-                "machine": search.machine,
-                "seeds": records,
-            },
+            {"trial": trial, "value": value, **search.identity(), "seeds": records},
         )
     return records
 

@@ -42,19 +42,20 @@ def resend(folder: Path, tracking_uri: str | None = None) -> str:
     stores.check_reachable(uri, "MLflow tracking store")
     client = tracking.get_client(uri)
     try:
-        info = client.get_run(kept["run_id"]).info
+        stored = client.get_run(kept["run_id"])
     except Exception as e:
         raise stores.StoreError(
             f"run {kept['run_id']} is not in the MLflow tracking store at {stores.redact(uri)}: "
-            f"{tracking._first_line(e)}"
+            f"{tracking.first_line(e)}"
         ) from None
+    info = stored.info
     run = tracking.Run(client, info.run_id, info.artifact_uri)
     run.send_kept(kept)
     run.log_text((folder / "history.csv").read_text(), "history.csv")
     params = folder / "model" / "params.npz"
     if params.is_file():
         run.log_bytes(params.read_bytes(), "model/params.npz")
-    if tracking.FAILURE_TAG in client.get_run(info.run_id).data.tags:
+    if tracking.FAILURE_TAG in stored.data.tags:
         client.delete_tag(info.run_id, tracking.FAILURE_TAG)  # "its process died": it did not
     run.end("FINISHED")
     os.replace(kept_file, folder / SENT)

@@ -150,7 +150,7 @@ def execute(
             run.log_texts(
                 {
                     "config.yaml": tracking.config_yaml(resolved),
-                    "overrides.yaml": "\n".join(f"- {o}" for o in overrides) + "\n",
+                    "overrides.yaml": overrides_yaml(overrides),
                 }
             )
         rng = np.random.default_rng(cfg.seed)
@@ -195,7 +195,7 @@ def execute(
             )
             raise tracking.TrackingLost(
                 f"the MLflow tracking store at {stores.redact(m.tracking_uri)} stopped answering "
-                f"during run {run.ref} ({tracking._first_line(run.lost)}); training finished "
+                f"during run {run.ref} ({tracking.first_line(run.lost)}); training finished "
                 f"({results}) and its config, history, weights and unsent metrics are in "
                 f"{kept}; the run is left RUNNING there (the next sweeps.run on this "
                 "machine into this experiment ends it KILLED) until they are sent: "
@@ -203,6 +203,11 @@ def execute(
             )
         run.log_text(tracking.history_csv(history), "history.csv")
         return Outcome(run.run_id, history, val_acc, test, tracking.ui_command(m.tracking_uri))
+
+
+def overrides_yaml(overrides: Sequence[str]) -> str:
+    """The command line's overrides as a YAML list (a run's overrides.yaml)."""
+    return "\n".join(f"- {o}" for o in overrides) + "\n"
 
 
 UNSENT = "unsent"  # the folder, in the run's Hydra output folder, of what a lost store missed
@@ -226,7 +231,7 @@ def keep_unsent(
         folder = Path("mlruns") / UNSENT / run.ref
     (folder / "model").mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text(tracking.config_yaml(resolved))
-    (folder / "overrides.yaml").write_text("\n".join(f"- {o}" for o in overrides) + "\n")
+    (folder / "overrides.yaml").write_text(overrides_yaml(overrides))
     (folder / "history.csv").write_text(tracking.history_csv(history))
     np.savez(folder / "model" / "params.npz", allow_pickle=False, **model.state_dict())
     uri = run.client.tracking_uri

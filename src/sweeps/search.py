@@ -28,10 +28,11 @@ validation split, narrow the ranges to where the good trials are, repeat. Here:
   Any worker, under the lock (at start, and before each reservation), FAILs the RUNNING
   trials whose worker is gone (``procs.gone``): a dead pid of its own boot and pid
   namespace, or a process of an earlier boot of its machine (host name and machine id); a
-  worker in another container on the same kernel, which may share the host name, or on
-  another machine is not judged (the journal storage has no heartbeat in Optuna 5). RDB
-  storages also record heartbeats and fail trials silent for ``grace_period`` seconds (other
-  machines and containers).
+  worker of another machine is not judged, even under the same host name where both have a
+  machine id; one of another pid namespace on this kernel (most often this container before
+  a restart) by host name and pid, as before (the journal storage has no heartbeat in
+  Optuna 5). RDB storages also record heartbeats and fail trials silent for ``grace_period``
+  seconds (other machines and containers).
   The MLflow runs of such trials are ended KILLED, and the launcher ends any child run left
   RUNNING whose trial is finished (``reconcile_runs``). A launcher also does this for the other
   studies of its storage, and ends KILLED the parent run of a study whose launcher died on this
@@ -1291,16 +1292,18 @@ class Search:
     def record_launcher(self) -> None:
         """Record this process as the study's launcher (``end_dead_studies`` judges it)."""
         with self.lock():
-            self.study.set_user_attr(
-                LAUNCHER,
-                {
-                    "host": self.host,
-                    "pid": self.pid,
-                    "pid_start": self.pid_start,
-                    "process": self.process,
-                    "machine": self.machine,
-                },
-            )
+            self.study.set_user_attr(LAUNCHER, self.identity())
+
+    def identity(self) -> dict[str, Any]:
+        """This process, as a launcher's or a best-test claim's record names it
+        (``record_gone`` judges it)."""
+        return {
+            "host": self.host,
+            "pid": self.pid,
+            "pid_start": self.pid_start,
+            "process": self.process,
+            "machine": self.machine,
+        }
 
     def end_dead_studies(self) -> list[str]:
         """For every other study in this storage: FAIL its RUNNING trials whose worker died on
@@ -1380,9 +1383,9 @@ class Search:
     # -- stale trials
 
     def fail_stale(self, include_own: bool = False) -> list[int]:
-        """FAIL the RUNNING trials whose worker is gone: on this host, a dead pid of this
-        pid namespace or a process of an earlier boot (``procs.gone``; or, under the lock, no
-        pid recorded at all: its worker died while reserving it); elsewhere,
+        """FAIL the RUNNING trials whose worker is gone: on this host, a dead pid or a
+        process of an earlier boot (``procs.gone``; or, under the lock, no pid recorded at
+        all: its worker died while reserving it); elsewhere,
         Optuna's heartbeat (RDB storages). ``include_own``: also this process's own RUNNING
         trials (it calls this when it runs none any more). Call with the lock held."""
         import optuna

@@ -345,7 +345,7 @@ def check_recording(tracking_uri: str, name: str, artifact_root: str) -> None:
     except ValueError as e:
         raise StoreError(str(e)) from None
     except Exception as e:  # it answered check_run_store, then stopped (a server going down)
-        first = _first_line(e).replace(tracking_uri, redact(tracking_uri))  # no password
+        first = first_line(e).replace(tracking_uri, redact(tracking_uri))  # no password
         raise StoreError(
             f"the MLflow tracking store at {redact(tracking_uri)} failed while opening "
             f"experiment {name!r}: {first}"
@@ -543,7 +543,7 @@ class Run:
                 "run %s: the tracking store failed (%s); training goes on, and its metrics "
                 "are kept for the end of the run",
                 self.ref,
-                _first_line(e),
+                first_line(e),
             )
             return
         self._metrics, self._tags = [], {}
@@ -763,7 +763,7 @@ def open_run(
                 "run %s is left RUNNING: the tracking store does not answer (%s); the next "
                 "sweeps.run on this machine into this experiment ends it KILLED",
                 run.ref,
-                _first_line(run.lost),
+                first_line(run.lost),
             )
         elif run is not None and isinstance(e, KeyboardInterrupt):
             run.cancel_background()
@@ -789,7 +789,7 @@ def left_running(e: BaseException) -> bool:
     return LEFT_RUNNING in getattr(e, "__notes__", ())
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
