@@ -451,8 +451,8 @@ def test_lean_trials_keep_curves_and_history_and_the_best_test_run_records_every
             "log_batch",  # the params
             "log_texts",  # config.yaml, overrides.yaml
             "log_inputs",
-            "log_texts",  # history.csv
             "log_batch",  # the metrics and tags
+            "log_texts",  # history.csv
             "set_terminated",
         ]
         history = client.download_artifacts(rid, "history.csv", str(tmp_path / rid))

@@ -713,6 +713,73 @@ def test_a_store_gone_until_the_end_leaves_the_run_running_and_its_results_on_di
     assert "was sent already (sent.json)" in capsys.readouterr().err
 
 
+def test_a_store_that_fails_at_the_runs_last_send_keeps_its_results_on_disk(
+    mlflow_store, compose_cfg, tmp_path, monkeypatch, caplog
+):
+    """The store took the run's params, then failed its last request (a run shorter than
+    the metrics flush interval sends every metric in it): sweeps.run keeps them on disk
+    with the weights and history, as for a store lost during training, without asking the
+    store again (that request has waited through MLflow's retries already);
+    sweeps.resend sends them later."""
+    from sweeps.run import UNSENT, execute
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tracking, "METRICS_FLUSH_SECONDS", 3600.0)
+    overrides = [
+        "data=synthetic",
+        "model.hidden_sizes=[16,16]",
+        "trainer.epochs=4",
+        f"mlflow.tracking_uri={mlflow_store['uri']}",
+        f"mlflow.artifact_root={mlflow_store['artifacts']}",
+    ]
+    dcfg = compose_cfg(overrides)
+    outage = _Outage(monkeypatch, after_batches=1)  # the params reach it, the last send not
+    with pytest.raises(tracking.TrackingLost) as e:
+        execute(validate(dcfg), OmegaConf.to_container(dcfg, resolve=True), overrides)
+    assert outage.calls_while_down == ["log_batch"]  # the last send; no probe, no end
+    client = MlflowClient(mlflow_store["uri"])
+    (r,) = client.search_runs([client.get_experiment_by_name("sweeps").experiment_id])
+    assert r.info.status == "RUNNING" and not r.data.metrics and r.data.params
+    kept = tmp_path / "mlruns" / UNSENT / r.info.run_id
+    assert f"are in {kept.resolve()}" in str(e.value)
+    assert "failed at the run's end" in caplog.text
+    unsent = json.loads((kept / "unsent.json").read_text())
+    steps = [m["step"] for m in unsent["metrics"] if m["key"] == "val/acc"]
+    assert steps == [1, 2, 3, 4]
+    assert {"test/acc", "test/loss"} <= {m["key"] for m in unsent["metrics"]}
+    assert "data_digest" in unsent["tags"]
+    assert (kept / "history.csv").read_text().count("\n") == 1 + 4
+    assert set(np.load(kept / "model" / "params.npz").files) >= {"W1", "W3"}
+
+    outage.down, outage.batches = False, -(10**9)
+    assert resend.main([str(kept)]) == 0
+    got = client.get_run(r.info.run_id)
+    assert got.info.status == "FINISHED" and "test/acc" in got.data.metrics
+    assert [m.step for m in client.get_metric_history(r.info.run_id, "val/acc")] == [1, 2, 3, 4]
+
+
+def test_resend_skips_what_an_earlier_send_left_in_the_store(mlflow_store, tmp_path):
+    """A resend that failed part way (its first batches stored, a later one not) and is
+    run again sends only what the store lacks: no metric twice."""
+    client = MlflowClient(mlflow_store["uri"])
+    exp = client.create_experiment("kept", artifact_location=mlflow_store["artifacts"])
+    run_id = client.create_run(exp).info.run_id
+    rows = [
+        {"key": "val/acc", "value": 0.1 * s, "timestamp": 1_000 + s, "step": s} for s in (1, 2, 3)
+    ]
+    rows.append({"key": "test/acc", "value": 0.9, "timestamp": 2_000, "step": 3})
+    first = rows[0]  # what the earlier, failed send left
+    client.log_metric(run_id, first["key"], first["value"], first["timestamp"], first["step"])
+    kept = {"run_id": run_id, "tracking_uri": mlflow_store["uri"], "metrics": rows, "tags": {}}
+    (tmp_path / "unsent.json").write_text(json.dumps(kept))
+    (tmp_path / "history.csv").write_text("epoch,val/acc\n1,0.1\n")
+    assert resend.main([str(tmp_path)]) == 0
+    history = client.get_metric_history(run_id, "val/acc")
+    assert sorted((m.step, m.timestamp) for m in history) == [(1, 1_001), (2, 1_002), (3, 1_003)]
+    assert len(client.get_metric_history(run_id, "test/acc")) == 1
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
 def test_ctrl_c_while_the_store_is_lost_leaves_the_run_running_without_waiting_for_it(
     mlflow_store, monkeypatch
 ):
@@ -762,11 +829,18 @@ def test_a_lost_tracking_server_is_asked_again_while_training_goes_on(monkeypatc
 
         def __init__(self) -> None:
             self.sent: list[list[tuple[str, int]]] = []
+            self.stored: list = []
+            self.asked: list[str] = []  # metric-history requests
 
         def log_batch(self, run_id, metrics, params, tags, synchronous):
-            if not self.up:
-                raise MlflowException("Max retries exceeded")
             self.sent.append([(m.key, m.step) for m in metrics])
+            self.stored += metrics
+            if not self.up:  # it reached the store, and its answer was lost on the way back
+                raise MlflowException("Max retries exceeded")
+
+        def get_metric_history(self, run_id, key):
+            self.asked.append(key)
+            return [m for m in self.stored if m.key == key]
 
     health: list[bool] = []
 
@@ -788,4 +862,8 @@ def test_a_lost_tracking_server_is_asked_again_while_training_goes_on(monkeypatc
     Client.up = True
     run.queue_metrics([("val/acc", 0.4, 4)])  # back: everything kept goes, in order
     assert run.lost is None and health == [False, True]
-    assert client.sent == [[("val/acc", 1)], [("val/acc", 2), ("val/acc", 3), ("val/acc", 4)]]
+    # step 2's failed request had reached the store: it is not sent again
+    assert client.sent == [[("val/acc", 1)], [("val/acc", 2)], [("val/acc", 3), ("val/acc", 4)]]
+    assert [m.step for m in client.stored] == [1, 2, 3, 4] and client.asked == ["val/acc"]
+    run.queue_metrics([("val/acc", 0.5, 5)])  # and from then on, no more history requests
+    assert client.sent[-1] == [("val/acc", 5)] and client.asked == ["val/acc"]

@@ -5,7 +5,9 @@ names the folder in its error), once the store answers again.
 It sends the kept metrics (with their own steps and timestamps) and tags to the run, uploads
 ``history.csv`` and ``model/params.npz`` as the run's artifacts, drops the ``sweeps.failure``
 reason a later ``sweeps.run`` may have set when it ended the run KILLED, and ends the run
-FINISHED. ``unsent.json`` then becomes ``sent.json``: a second call sends nothing twice.
+FINISHED. ``unsent.json`` then becomes ``sent.json``: a second call sends nothing twice. A
+call that failed part way (the store went down again) can be made again: metrics the store
+has already are left out.
 """
 
 from __future__ import annotations

@@ -187,7 +187,9 @@ def execute(
             run.queue_metrics([(k, v, step) for k, v in test.items()])  # sent as the run ends
         val_acc = history.last("val/acc") if splits.val is not None else None
         run.queue_tags(end_tags or {})
-        if not run.online():  # the store went away during training and is still gone
+        # The store went away during training and is still gone, or fails now: what it did
+        # not take is kept on disk, with the trained weights.
+        if not (run.online() and run.send_last()):
             assert isinstance(run, tracking.Run) and run.lost is not None
             kept = keep_unsent(run, resolved, overrides, history, trained.model)
             results = ", ".join(

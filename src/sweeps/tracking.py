@@ -434,10 +434,12 @@ class Run:
         self._tags: dict[str, str] = {}  # queued, unsent
         self._held: list[tuple[str, float, int, int]] = []  # sent only at the end (hold_metrics)
         self._sent = time.monotonic()
-        #: the store's failure during training (``flush_metrics``), until it answers again
+        #: the store's failure during training (``flush_metrics``), until it answers again,
+        #: or at the run's end (``send_last``)
         self.lost: Exception | None = None
-        self._given_up = False  # ``online`` asked the store again and it did not answer
+        self._given_up = False  # the store failed at the end, or ``online`` asked it again
         self._probed = 0.0  # when a lost server was last asked whether it is back
+        self._resumed = False  # the store answers again: check what it kept before sending
 
     @property
     def run_id(self) -> str:
@@ -533,6 +535,11 @@ class Run:
         self._sent = time.monotonic()
         if not (buffered or tags):
             return
+        if self._resumed and buffered:
+            # the request that failed may have reached the store all the same (its answer
+            # lost on the way back): what the store has is not sent again
+            buffered = self._not_stored(buffered)
+            self._resumed = False
         try:
             self._log_batch([Metric(*m) for m in buffered], (), tags)
         except Exception as e:
@@ -555,7 +562,9 @@ class Run:
         every ``PROBE_SECONDS``); other stores are asked only at the end (``online``)."""
         uri = getattr(self.client, "tracking_uri", "")
         now = time.monotonic()
-        if stores.scheme(uri) not in stores.SERVERS or now - self._probed < PROBE_SECONDS:
+        if self._given_up or stores.scheme(uri) not in stores.SERVERS:
+            return False
+        if now - self._probed < PROBE_SECONDS:
             return False
         self._probed = now
         try:
@@ -563,7 +572,7 @@ class Run:
         except stores.StoreError:
             return False
         log.info("run %s: the tracking server answers again; sending what was kept", self.ref)
-        self.lost = None
+        self.lost, self._resumed = None, True
         return True
 
     def online(self) -> bool:
@@ -581,7 +590,25 @@ class Run:
             self.lost, self._given_up = e, True
             return False
         log.info("run %s: the tracking store answers again; sending what was kept", self.ref)
-        self.lost = None
+        self.lost, self._resumed = None, True
+        return True
+
+    def send_last(self) -> bool:
+        """Send the run's last records now: every buffered and held metric and the queued
+        tags, in one request (``open_run`` then has none left to send). False when the store
+        fails (after MLflow's own retries): ``lost`` then holds the error, the records stay
+        buffered for ``unsent``, and the store is not asked again; training's results must
+        then be kept elsewhere (``sweeps.run``'s ``unsent/`` folder)."""
+        try:
+            self.flush_metrics(final=True)
+        except Exception as e:
+            if isinstance(self.client, writer.DeferredClient):  # its writer answers for it
+                raise
+            self.lost, self._given_up = e, True
+            log.warning(
+                "run %s: the tracking store failed at the run's end (%s)", self.ref, first_line(e)
+            )
+            return False
         return True
 
     def unsent(self) -> dict[str, Any]:
@@ -596,8 +623,23 @@ class Run:
         its tags), once the store answers again (``sweeps.resend``)."""
         from mlflow.entities import Metric, RunTag
 
-        metrics = [Metric(m["key"], m["value"], m["timestamp"], m["step"]) for m in kept["metrics"]]
+        rows = [(m["key"], m["value"], m["timestamp"], m["step"]) for m in kept["metrics"]]
+        # an earlier send of these that failed part way left its first batches in the store
+        metrics = [Metric(*m) for m in self._not_stored(rows)]
         self._log_batch(metrics, (), [RunTag(k, v) for k, v in kept["tags"].items()])
+
+    def _not_stored(
+        self, rows: Sequence[tuple[str, float, int, int]]
+    ) -> list[tuple[str, float, int, int]]:
+        """``rows`` (key, value, timestamp, step) less those the store has already: a row
+        is known by its key, step and timestamp (each row is stamped when it is queued). One
+        metric-history request per key: asked only after the store failed."""
+        stored: set[tuple[str, int, int]] = set()
+        for key in dict.fromkeys(r[0] for r in rows):
+            with signals_held():
+                history = self.client.get_metric_history(self.run_id, key)
+            stored.update((key, m.step, m.timestamp) for m in history)
+        return [r for r in rows if (r[0], r[3], r[2]) not in stored]
 
     def _log_batch(self, metrics: Sequence, params: Sequence, tags: Sequence) -> None:
         """As few log_batch calls as MLflow's limits allow (per call: 1000 metrics, 100
@@ -702,6 +744,9 @@ class NullRun:
     def online(self) -> bool:
         return True
 
+    def send_last(self) -> bool:
+        return True
+
     def log_figure(self, fig, path: str) -> None:  # noqa: ARG002
         from sweeps.plots import close
 
@@ -730,9 +775,9 @@ def open_run(
     histograms at initialization of a diverged run); KILLED on KeyboardInterrupt or SIGTERM
     (see ``sigterm_as_interrupt``) at once, dropping the artifacts not started. The
     exception is re-raised. A run whose store stopped answering during training and did not
-    answer again (``Run.lost``) is left RUNNING, without more calls to the store (each would
-    wait through MLflow's retries, minutes): the next ``sweeps.run`` on this machine into
-    this experiment ends it KILLED (``end_dead_runs``).
+    answer again, or failed the run's last send (``Run.lost``), is left RUNNING, without more
+    calls to the store (each would wait through MLflow's retries, minutes): the next
+    ``sweeps.run`` on this machine into this experiment ends it KILLED (``end_dead_runs``).
     """
     client = get_client(tracking_uri)
     exp_id = ensure_experiment(client, experiment_name, artifact_root, tracking_uri)
@@ -911,8 +956,9 @@ class MlflowCallback(Callback):
         if self.log_figures or self.log_model:
             # after submitting: the store write overlaps the drawing; the last epoch's detail
             # too. Nothing drawn: all goes when the run ends, with what its caller queued after
-            # training (a search trial's trial_state), in one request (open_run).
-            self.run.flush_metrics(final=True)
+            # training (a search trial's trial_state), in one request (send_last). A store
+            # that fails now is not asked again: sweeps.run keeps the results on disk.
+            self.run.send_last()
 
     def _histograms(self, model, path: str, when: str) -> futures.Future | None:
         acts = model.hidden_activations(self.probe)  # copies: training may go on meanwhile
