@@ -628,6 +628,28 @@ class _Outage:
             monkeypatch.setattr(MlflowClient, name, call)
 
 
+def _run_with_outage(store, compose_cfg, monkeypatch, flush_seconds: float, after_batches: int):
+    """sweeps.run's path (``execute``), 4 epochs on synthetic data, with the store failing
+    after ``after_batches`` log_batch calls: (TrackingLost, the outage, the client, the run)."""
+    from sweeps.run import execute
+
+    monkeypatch.setattr(tracking, "METRICS_FLUSH_SECONDS", flush_seconds)
+    overrides = [
+        "data=synthetic",
+        "model.hidden_sizes=[16,16]",
+        "trainer.epochs=4",
+        f"mlflow.tracking_uri={store['uri']}",
+        f"mlflow.artifact_root={store['artifacts']}",
+    ]
+    dcfg = compose_cfg(overrides)
+    outage = _Outage(monkeypatch, after_batches=after_batches)
+    with pytest.raises(tracking.TrackingLost) as e:
+        execute(validate(dcfg), OmegaConf.to_container(dcfg, resolve=True), overrides)
+    client = MlflowClient(store["uri"])
+    (r,) = client.search_runs([client.get_experiment_by_name("sweeps").experiment_id])
+    return e.value, outage, client, r
+
+
 def test_a_store_that_fails_during_training_gets_the_kept_metrics_once_it_answers(
     mlflow_store, monkeypatch, caplog
 ):
@@ -659,28 +681,16 @@ def test_a_store_gone_until_the_end_leaves_the_run_running_and_its_results_on_di
     and unsent metrics are written to disk, the run is left RUNNING without more store
     calls (each would wait through MLflow's retries), and the error says where it all is.
     Once the store answers, ``sweeps.resend`` sends it and the run ends FINISHED."""
-    from sweeps.run import UNSENT, execute
+    from sweeps.run import UNSENT
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(tracking, "METRICS_FLUSH_SECONDS", 0.0)
-    overrides = [
-        "data=synthetic",
-        "model.hidden_sizes=[16,16]",
-        "trainer.epochs=4",
-        f"mlflow.tracking_uri={mlflow_store['uri']}",
-        f"mlflow.artifact_root={mlflow_store['artifacts']}",
-    ]
-    dcfg = compose_cfg(overrides)
-    outage = _Outage(monkeypatch, after_batches=3)  # params, then epochs 1 and 2 reach it
-    with pytest.raises(tracking.TrackingLost) as e:
-        execute(validate(dcfg), OmegaConf.to_container(dcfg, resolve=True), overrides)
+    # params, then epochs 1 and 2 reach it
+    error, outage, client, r = _run_with_outage(mlflow_store, compose_cfg, monkeypatch, 0.0, 3)
     assert outage.calls_while_down == ["log_batch", "get_run"]  # the failure, one probe
-    client = MlflowClient(mlflow_store["uri"])
-    (r,) = client.search_runs([client.get_experiment_by_name("sweeps").experiment_id])
     assert r.info.status == "RUNNING"
     assert [m.step for m in client.get_metric_history(r.info.run_id, "val/acc")] == [1, 2]
     kept = tmp_path / "mlruns" / UNSENT / r.info.run_id
-    message = str(e.value)
+    message = str(error)
     assert f"during run {r.info.run_id} (API request to" in message
     assert f"are in {kept.resolve()}; the run is left RUNNING there" in message
     assert (kept / "history.csv").read_text().count("\n") == 1 + 4  # header + every epoch
@@ -721,27 +731,15 @@ def test_a_store_that_fails_at_the_runs_last_send_keeps_its_results_on_disk(
     with the weights and history, as for a store lost during training, without asking the
     store again (that request has waited through MLflow's retries already);
     sweeps.resend sends them later."""
-    from sweeps.run import UNSENT, execute
+    from sweeps.run import UNSENT
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(tracking, "METRICS_FLUSH_SECONDS", 3600.0)
-    overrides = [
-        "data=synthetic",
-        "model.hidden_sizes=[16,16]",
-        "trainer.epochs=4",
-        f"mlflow.tracking_uri={mlflow_store['uri']}",
-        f"mlflow.artifact_root={mlflow_store['artifacts']}",
-    ]
-    dcfg = compose_cfg(overrides)
-    outage = _Outage(monkeypatch, after_batches=1)  # the params reach it, the last send not
-    with pytest.raises(tracking.TrackingLost) as e:
-        execute(validate(dcfg), OmegaConf.to_container(dcfg, resolve=True), overrides)
+    # the params reach it, the last send not
+    error, outage, client, r = _run_with_outage(mlflow_store, compose_cfg, monkeypatch, 3600, 1)
     assert outage.calls_while_down == ["log_batch"]  # the last send; no probe, no end
-    client = MlflowClient(mlflow_store["uri"])
-    (r,) = client.search_runs([client.get_experiment_by_name("sweeps").experiment_id])
     assert r.info.status == "RUNNING" and not r.data.metrics and r.data.params
     kept = tmp_path / "mlruns" / UNSENT / r.info.run_id
-    assert f"are in {kept.resolve()}" in str(e.value)
+    assert f"are in {kept.resolve()}" in str(error)
     assert "failed at the run's end" in caplog.text
     unsent = json.loads((kept / "unsent.json").read_text())
     steps = [m["step"] for m in unsent["metrics"] if m["key"] == "val/acc"]
