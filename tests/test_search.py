@@ -553,7 +553,9 @@ def test_failures_are_recorded_and_the_limit_stops_the_study(tmp_path, mlflow_st
         if "lr.high" not in a
     ]
     assert main([*args, *diverge, "max_failures=2"]) == 1
-    assert "2 trials failed (max_failures=2)" in capsys.readouterr().err
+    assert "2 trials failed since the study was last launched (max_failures=2)" in (
+        capsys.readouterr().err
+    )
     study = load_study(storage, "fail")
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
     for t in study.trials:
@@ -574,6 +576,34 @@ def test_failures_are_recorded_and_the_limit_stops_the_study(tmp_path, mlflow_st
     assert main([*args, *diverge, "max_failures=2"]) == 1
     err = capsys.readouterr().err
     assert "no trial completed" in err and "max_failures" not in err
+
+
+def test_a_rerun_after_the_failure_limit_counts_only_its_own_failures(
+    tmp_path, mlflow_store, monkeypatch, capsys
+):
+    """The limit's message says to fix the cause and rerun the same command: that rerun
+    must not stop at once on the failures of the launch before (a tracking server that was
+    down, here every trial raising until it is fixed)."""
+    storage = str(tmp_path / "journal.log")
+    args = [
+        *tiny_args(storage, mlflow_store, study="limit", rounds=[(6, "random")]),
+        "max_failures=2",
+    ]
+    working = S.execute_overrides
+
+    def broken(*a, **k):
+        raise ConnectionError("the tracking server does not answer")
+
+    monkeypatch.setattr(S, "execute_overrides", broken)
+    assert main(args) == 1
+    assert main(args) == 1  # still broken: two more failures, not none
+    err = capsys.readouterr().err
+    assert err.count("2 trials failed since the study was last launched (max_failures=2)") == 2
+    assert S.tally(load_study(storage, "limit").trials).failed == 4
+    monkeypatch.setattr(S, "execute_overrides", working)  # the cause is fixed
+    assert main(args) == 0  # the two slots left of the round train
+    outcomes = [S.outcome_of(t) for t in load_study(storage, "limit").trials]
+    assert outcomes == ["failed"] * 4 + ["complete"] * 2
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the diverging trials

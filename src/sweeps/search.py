@@ -133,6 +133,9 @@ SPEC, PARENT_RUN, PARENT_URI, BEST_TEST, LAUNCHER = (
     "sweeps.best_test",
     "sweeps.launcher",  # {host, pid, pid_start} of the launcher that opened the study last
 )
+#: study user attr: the number of the first trial that ``max_failures`` counts. Each launch
+#: sets it: a rerun after the cause of the failures is fixed starts with the whole budget.
+FAILURES_FROM = "sweeps.failures_from"
 
 
 def ranges_attr(r: int) -> str:
@@ -1290,9 +1293,12 @@ class Search:
         return ended
 
     def record_launcher(self) -> None:
-        """Record this process as the study's launcher (``end_dead_studies`` judges it)."""
+        """Record this process as the study's launcher (``end_dead_studies`` judges it),
+        and count failures from here on: the trials failed before this launch are no
+        longer held against the study (``failure_limit_reason``)."""
         with self.lock():
             self.study.set_user_attr(LAUNCHER, self.identity())
+            self.study.set_user_attr(FAILURES_FROM, len(self.study.get_trials(deepcopy=False)))
 
     def identity(self) -> dict[str, Any]:
         """This process, as a launcher's or a best-test claim's record names it
@@ -1498,16 +1504,22 @@ class Search:
         return self._samplers[r]
 
     def failure_limit_reason(self, trials=None) -> str | None:
-        """Why the study must stop (``max_failures`` trials failed), or None."""
-        trials = self.study.get_trials(deepcopy=False) if trials is None else trials
-        failed = [t for t in trials if outcome_of(t) == "failed"]
+        """Why the study must stop (``max_failures`` trials failed since it was last
+        launched, on any machine), or None."""
         limit = self.cfg.max_failures
-        if limit is None or len(failed) < limit:
+        if limit is None:
+            return None
+        trials = self.study.get_trials(deepcopy=False) if trials is None else trials
+        first = self.study.user_attrs.get(FAILURES_FROM, 0)
+        failed = [t for t in trials if t.number >= first and outcome_of(t) == "failed"]
+        if len(failed) < limit:
             return None
         last = failed[-1].user_attrs.get(REASON, "?")
         return (
-            f"{len(failed)} trials failed (max_failures={limit}); the last one: {last}. "
-            "Fix the cause (or raise max_failures) and rerun the same command to resume."
+            f"{len(failed)} trials failed since the study was last launched "
+            f"(max_failures={limit}); the last one: {last}. Fix the cause (or raise "
+            "max_failures) and rerun the same command to resume: each launch counts only "
+            "its own failures."
         )
 
     def reserve(self) -> Reservation | Wait | Stop | Done:
