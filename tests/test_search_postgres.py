@@ -49,9 +49,10 @@ def postgres_url():
 @pytest.mark.slow
 @pytest.mark.postgres
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
-def test_two_workers_on_a_postgresql_study(postgres_url, mlflow_server):
+def test_two_workers_on_a_postgresql_study(postgres_url, mlflow_server, capfd):
     """The multi-machine setup on one machine: the study in PostgreSQL, the runs on an MLflow
-    tracking server; the same invariants as with the local defaults."""
+    tracking server; the same invariants as with the local defaults. MLflow's client prints
+    no URL for each run it ends there (two lines a trial, from the workers' writers)."""
     mlflow_store = mlflow_server
     args = tiny_args(
         postgres_url,
@@ -61,6 +62,8 @@ def test_two_workers_on_a_postgresql_study(postgres_url, mlflow_server):
         extra=["n_workers=2"],
     )
     assert main(args) == 0
+    out = capfd.readouterr().out
+    assert "View run" not in out and "MLflow parent run" in out
     trials = check_invariants(postgres_url, mlflow_store, "pg", [5, 4])
     assert S.tally(trials).failed == 0
     assert all(t.user_attrs[S.PID] != os.getpid() for t in trials)  # trained in the workers

@@ -659,13 +659,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     logging.getLogger("sweeps.run").setLevel(logging.WARNING)  # per-epoch lines of each trial
     try:
-        if worker:
-            return worker_main(cfg)
-        check_stores(cfg)
-        return launch(cfg, argv)
+        with run_urls_unprinted():
+            if worker:
+                return worker_main(cfg)
+            check_stores(cfg)
+            return launch(cfg, argv)
     except S.SearchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+#: MLflow's switch for the two lines ("View run ... at", "View experiment at") that its client
+#: prints whenever it ends a run on a tracking server, after asking the server for the run
+#: once more.
+SUPPRESS_URLS = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
+
+
+@contextlib.contextmanager
+def run_urls_unprinted():
+    """Inside the block, and in the workers and writer processes started in it, MLflow
+    does not print each run's URL as it ends (two lines a trial between the progress lines,
+    and a request to the server a trial); the launcher names the study's parent run. Set in
+    the environment by the user, the variable is left as it is."""
+    if SUPPRESS_URLS in os.environ:
+        yield
+        return
+    os.environ[SUPPRESS_URLS] = "true"
+    try:
+        yield
+    finally:
+        os.environ.pop(SUPPRESS_URLS, None)
 
 
 if __name__ == "__main__":
