@@ -852,7 +852,13 @@ def test_a_dead_launchers_study_is_ended_by_the_next_launcher(tmp_path, mlflow_s
     assert client.get_run(busy_parent).info.status == "RUNNING"
     assert [t.state for t in load_study(storage, "busy").trials] == [TrialState.RUNNING]
     assert client.get_run(live_parent).info.status == "RUNNING"
+    checked: list[str] = []
+    full_check = me._other_study
+    me._other_study = lambda name: checked.append(name) or full_check(name)  # type: ignore[method-assign]
     assert me.end_dead_studies() == []  # nothing left to end
+    # "gone", ended, with nothing RUNNING in either store, is not even opened ("elsewhere"
+    # is: the run this test made for it before moving its parent elsewhere is RUNNING here)
+    assert sorted(checked) == ["busy", "elsewhere", "live", "namesake"]
 
     # A rerun of the study reopens its run, without the reason it had been ended.
     again = S.Search(

@@ -1319,9 +1319,20 @@ class Search:
         launcher was SIGKILLed (or OOM-killed) and is never rerun would otherwise stay
         RUNNING in both stores; a rerun reopens it either way. Trials of other hosts are
         left to their own workers and Optuna's heartbeat. Returns the studies it touched."""
+        from optuna.trial import TrialState
+
+        running_runs = self._studies_with_running_runs()
         touched = []
         for summary in self.storage.get_all_studies():
             if summary.study_name == self.name:
+                continue
+            # Nothing RUNNING in either store: nothing to end, and no full check (about ten
+            # storage round trips and two MLflow requests a study; 1.5 s for 30 finished
+            # studies on PostgreSQL on loopback, before each launch)
+            running = self.storage.get_all_trials(
+                summary._study_id, deepcopy=False, states=(TrialState.RUNNING,)
+            )
+            if not running and running_runs is not None and summary.study_name not in running_runs:
                 continue
             try:
                 other = self._other_study(summary.study_name)
@@ -1334,6 +1345,37 @@ class Search:
             if failed or ended:
                 touched.append(summary.study_name)
         return touched
+
+    def _studies_with_running_runs(self) -> set[str] | None:
+        """The studies with a RUNNING trial run or parent run in this MLflow store, in any
+        experiment (one search); an empty set untracked (another study's runs are then left
+        alone), None if the store could not say."""
+        if not self.tracking:
+            return set()
+        try:
+            client = self.client()
+            experiments = [e.experiment_id for e in client.search_experiments()]
+            names: set[str] = set()
+            token = None
+            while True:
+                page = client.search_runs(
+                    experiments,
+                    filter_string="attributes.status = 'RUNNING'",
+                    max_results=1000,
+                    page_token=token,
+                )
+                names.update(
+                    r.data.tags["study"]
+                    for r in page
+                    if r.data.tags.get("sweeps.role") in ("trial", "study")
+                    and "study" in r.data.tags
+                )
+                token = page.token
+                if not token:
+                    return names
+        except Exception as e:
+            log.warning("could not list the RUNNING runs of other studies: %s", e)
+            return None
 
     def _other_study(self, name: str) -> Search:
         """This search's view of another study of its storage: its trials, its lock and (if
