@@ -813,55 +813,75 @@ def test_resend_refuses_a_folder_it_cannot_send_before_touching_a_store(
     assert err.startswith("error: ") and expected in err and str(tmp_path) in err
 
 
+class _Server:
+    """A tracking server's client for ``tracking.Run``: ``health`` is what its health check
+    answers, ``takes`` whether log_batch succeeds (one that fails has reached the store all
+    the same, its answer lost on the way back)."""
+
+    tracking_uri = "http://127.0.0.1:5999"
+
+    def __init__(self, monkeypatch) -> None:
+        from sweeps import stores
+
+        self.health, self.takes = True, True
+        self.checks: list[bool] = []  # what each health check answered
+        self.sent: list[list[tuple[str, int]]] = []
+        self.stored: list = []
+        self.asked: list[str] = []  # metric-history requests
+
+        def check(uri, what, timeout):
+            self.checks.append(self.health)
+            if not self.health:
+                raise stores.StoreError("the MLflow tracking store does not answer")
+
+        monkeypatch.setattr(stores, "check_reachable", check)
+        monkeypatch.setattr(tracking, "METRICS_FLUSH_SECONDS", 0.0)
+        monkeypatch.setattr(tracking, "PROBE_SECONDS", 0.0)
+
+    def log_batch(self, run_id, metrics, params, tags, synchronous):
+        from mlflow.exceptions import MlflowException
+
+        self.sent.append([(m.key, m.step) for m in metrics])
+        self.stored += metrics
+        if not self.takes:
+            raise MlflowException("Max retries exceeded")
+
+    def get_metric_history(self, run_id, key):
+        self.asked.append(key)
+        return [m for m in self.stored if m.key == key]
+
+
 def test_a_lost_tracking_server_is_asked_again_while_training_goes_on(monkeypatch):
     """Once the server answers its health check again, sending resumes during training, the
     kept metrics first: a server restart does not leave the run's curves blank until its
     end. While it does not answer, no request goes to it but the health check."""
-    from mlflow.exceptions import MlflowException
-
-    from sweeps import stores
-
-    class Client:
-        tracking_uri = "http://127.0.0.1:5999"
-        up = True
-
-        def __init__(self) -> None:
-            self.sent: list[list[tuple[str, int]]] = []
-            self.stored: list = []
-            self.asked: list[str] = []  # metric-history requests
-
-        def log_batch(self, run_id, metrics, params, tags, synchronous):
-            self.sent.append([(m.key, m.step) for m in metrics])
-            self.stored += metrics
-            if not self.up:  # it reached the store, and its answer was lost on the way back
-                raise MlflowException("Max retries exceeded")
-
-        def get_metric_history(self, run_id, key):
-            self.asked.append(key)
-            return [m for m in self.stored if m.key == key]
-
-    health: list[bool] = []
-
-    def check(uri, what, timeout):
-        health.append(Client.up)
-        if not Client.up:
-            raise stores.StoreError("does not answer")
-
-    monkeypatch.setattr(stores, "check_reachable", check)
-    monkeypatch.setattr(tracking, "METRICS_FLUSH_SECONDS", 0.0)
-    monkeypatch.setattr(tracking, "PROBE_SECONDS", 0.0)
-    client = Client()
-    run = tracking.Run(client, "r1", "file:///unused")
+    server = _Server(monkeypatch)
+    run = tracking.Run(server, "r1", "file:///unused")
     run.queue_metrics([("val/acc", 0.1, 1)])
-    Client.up = False
-    run.queue_metrics([("val/acc", 0.2, 2)])  # fails: lost
+    server.takes = False
+    run.queue_metrics([("val/acc", 0.2, 2)])  # its health check passes, the send fails: lost
+    server.health = False
     run.queue_metrics([("val/acc", 0.3, 3)])  # health check only
-    assert run.lost is not None and health == [False]
-    Client.up = True
+    assert run.lost is not None and server.checks == [True, True, False]
+    server.health = server.takes = True
     run.queue_metrics([("val/acc", 0.4, 4)])  # back: everything kept goes, in order
-    assert run.lost is None and health == [False, True]
+    assert run.lost is None and server.checks == [True, True, False, True]
     # step 2's failed request had reached the store: it is not sent again
-    assert client.sent == [[("val/acc", 1)], [("val/acc", 2)], [("val/acc", 3), ("val/acc", 4)]]
-    assert [m.step for m in client.stored] == [1, 2, 3, 4] and client.asked == ["val/acc"]
+    assert server.sent == [[("val/acc", 1)], [("val/acc", 2)], [("val/acc", 3), ("val/acc", 4)]]
+    assert [m.step for m in server.stored] == [1, 2, 3, 4] and server.asked == ["val/acc"]
     run.queue_metrics([("val/acc", 0.5, 5)])  # and from then on, no more history requests
-    assert client.sent[-1] == [("val/acc", 5)] and client.asked == ["val/acc"]
+    assert server.sent[-1] == [("val/acc", 5)] and server.asked == ["val/acc"]
+
+
+def test_a_tracking_server_that_went_down_is_lost_before_a_send_waits_for_it(monkeypatch):
+    """Before each send during training the server's health check (2 s at most) is asked:
+    one that is down is lost at once, without a send that would wait through MLflow's
+    retries (about 4 minutes with its defaults), and training goes on."""
+    server = _Server(monkeypatch)
+    run = tracking.Run(server, "r1", "file:///unused")
+    run.queue_metrics([("val/acc", 0.1, 1)])
+    server.health = server.takes = False
+    run.queue_metrics([("val/acc", 0.2, 2)])
+    assert run.lost is not None and "does not answer" in str(run.lost)
+    assert server.sent == [[("val/acc", 1)]]  # no send tried while it was down
+    assert run.unsent()["metrics"][0]["step"] == 2  # kept

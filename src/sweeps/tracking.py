@@ -525,7 +525,10 @@ class Run:
         ``lost`` keeps the error (one warning), and nothing more is sent until the store
         answers again: a tracking server's health check (2 s at most, without MLflow's
         minutes of retries) every ``PROBE_SECONDS`` while training goes on (``_back``), or
-        ``online`` at the end. A final send that fails raises, with them still buffered."""
+        ``online`` at the end. During training a tracking server is also asked that health
+        check before each send (``_answers``): one that went down is lost at once, instead
+        of after MLflow's retries of the send, which training would wait for (about 4
+        minutes). A final send that fails raises, with them still buffered."""
         from mlflow.entities import Metric, RunTag
 
         if self.lost is not None and not final and not self._back():
@@ -534,6 +537,8 @@ class Run:
         tags = [RunTag(k, v) for k, v in self._tags.items()]
         self._sent = time.monotonic()
         if not (buffered or tags):
+            return
+        if not final and not self._resumed and not self._answers():
             return
         if self._resumed and buffered:
             # the request that failed may have reached the store all the same (its answer
@@ -545,17 +550,37 @@ class Run:
         except Exception as e:
             if final or isinstance(self.client, writer.DeferredClient):
                 raise
-            self.lost = e
-            log.warning(
-                "run %s: the tracking store failed (%s); training goes on, and its metrics "
-                "are kept for the end of the run",
-                self.ref,
-                first_line(e),
-            )
+            self._lose(e)
             return
         self._metrics, self._tags = [], {}
         if final:
             self._held = []
+
+    def _lose(self, e: Exception) -> None:
+        self.lost = e
+        log.warning(
+            "run %s: the tracking store failed (%s); training goes on, and its metrics are "
+            "kept for the end of the run",
+            self.ref,
+            first_line(e),
+        )
+
+    def _answers(self) -> bool:
+        """Before a send during training: whether a tracking server answers its health
+        check (2 s at most); if not, the run is ``lost`` now (``_lose``) and asked again in
+        ``PROBE_SECONDS``. Other stores, and a search worker's deferred writes: True."""
+        uri = getattr(self.client, "tracking_uri", "")
+        if isinstance(self.client, writer.DeferredClient) or stores.scheme(uri) not in (
+            stores.SERVERS
+        ):
+            return True
+        try:
+            stores.check_reachable(uri, "MLflow tracking store", timeout=2.0)
+        except stores.StoreError as e:
+            self._probed = time.monotonic()
+            self._lose(e)
+            return False
+        return True
 
     def _back(self) -> bool:
         """Whether a lost tracking server answers its health check again (asked at most
