@@ -68,6 +68,18 @@ class PgServer:
         self._run(
             "initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "-N"
         )
+        self.resume()
+        self._run(
+            "createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", self.database
+        )
+        return self.url
+
+    def halt(self) -> None:
+        """Stop the server (its clients' connections end), keeping its data for ``resume``."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def resume(self) -> None:
+        """Start the server on its data and port."""
         options = f"-p {self.port} -k {self.root} -h 127.0.0.1 -c fsync=off -c max_connections=100"
         try:
             self._run(
@@ -86,10 +98,6 @@ class PgServer:
             raise RuntimeError(
                 f"{e}\nserver log:\n{log.read_text() if log.exists() else '(none)'}"
             ) from None
-        self._run(
-            "createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", self.database
-        )
-        return self.url
 
     def stop(self) -> None:
         try:

@@ -7,7 +7,9 @@ psycopg) are installed.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
 
 import pytest
@@ -28,7 +30,7 @@ def _unavailable(reason: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def postgres_url():
+def postgres_server():
     bindir = find_bindir()
     if bindir is None:
         _unavailable("no PostgreSQL server binaries (apt-get install -y postgresql)")
@@ -38,12 +40,17 @@ def postgres_url():
         _unavailable("no PostgreSQL driver (pip install '.[postgres]')")
     server = PgServer(bindir)
     try:
-        url = server.start()  # binaries are there: failing to start is a failure, never a skip
+        server.start()  # binaries are there: failing to start is a failure, never a skip
     except Exception as e:
         server.stop()
         pytest.fail(f"could not start PostgreSQL from {bindir}: {e}")
-    yield url
+    yield server
     server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    return postgres_server.url
 
 
 @pytest.mark.slow
@@ -82,3 +89,44 @@ def test_two_workers_on_a_postgresql_study(postgres_url, mlflow_server, capfd):
     trial = load_study(postgres_url, "pg").trials[ghost.number]
     assert trial.state == TrialState.FAIL and S.outcome_of(trial) == "stale"
     check_invariants(postgres_url, mlflow_store, "pg", [5, 4])
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_a_database_restart_does_not_stop_a_study(postgres_server, mlflow_store, caplog):
+    """The server stops (its clients' connections end) and starts again 3 s later while two
+    workers train: every process waits for it (the launcher's progress too), and the study
+    completes as if nothing had happened. Before, a restart killed the launcher and both
+    workers and left a trial RUNNING."""
+    url = postgres_server.url
+    args = tiny_args(url, mlflow_store, study="restart", rounds=[(24, "random")], epochs=10)
+    args += ["n_workers=2", "progress=true"]
+    seen: list[int] = []
+
+    def restart_mid_study() -> None:
+        study = None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):  # the study is not there yet
+                study = study or load_study(url, "restart")
+                done = [t for t in study.get_trials() if t.state == TrialState.COMPLETE]
+                if len(done) >= 3:
+                    seen.append(len(done))
+                    postgres_server.halt()
+                    time.sleep(3)
+                    postgres_server.resume()
+                    return
+            time.sleep(0.1)
+
+    restarter = threading.Thread(target=restart_mid_study)
+    restarter.start()
+    try:
+        assert main(args) == 0
+    finally:
+        restarter.join()
+    assert seen and seen[0] < 24  # the server was down while the study ran
+    trials = check_invariants(url, mlflow_store, "restart", [24])
+    assert [S.outcome_of(t) for t in trials] == ["complete"] * 24
+    assert "the Optuna storage does not answer" in caplog.text  # the launcher waited
+    assert "answers again" in caplog.text

@@ -59,6 +59,7 @@ import copy
 import fcntl
 import functools
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -686,14 +687,120 @@ def open_storage(storage: str, heartbeat_interval: int, grace_period: int):
         engine_kwargs["connect_args"] = {"timeout": 60}
     elif url.startswith("postgresql"):
         engine_kwargs["pool_pre_ping"] = True
+    kwargs: dict[str, Any] = {
+        "engine_kwargs": engine_kwargs,
+        "heartbeat_interval": heartbeat_interval,
+        "grace_period": grace_period,
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=heartbeat_interval,
-            grace_period=grace_period,
-        )
+        if path is not None:  # a local file: no server to wait for
+            return optuna.storages.RDBStorage(url, **kwargs)
+        # A database server can restart or fail over under a study that runs for hours: its
+        # calls wait for it (``STORAGE_PATIENCE``).
+        return retrying(_retrying_rdb_storage(), "Optuna storage", url, **kwargs)
+
+
+#: seconds a database storage may stay unreachable (a server restart, a failover) before
+#: the error of the call that waits for it is raised
+STORAGE_PATIENCE = 120.0
+_retry_state = threading.local()  # inside a retried call: nested calls are not retried again
+
+
+def transient(e: BaseException) -> BaseException | None:
+    """The error in ``e``'s chain that makes it the database server being unreachable for
+    now (restarting, failing over, a dropped connection) or a transaction to run again (a
+    deadlock), not a fault of the request: SQLAlchemy's OperationalError or InterfaceError,
+    or a connection it invalidated, also when wrapped (Optuna's StorageInternalError). None
+    for any other error."""
+    import sqlalchemy.exc
+
+    seen: set[int] = set()
+    err: BaseException | None = e
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
+            return err
+        if isinstance(err, sqlalchemy.exc.DBAPIError) and err.connection_invalidated:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def retrying(fn: Callable[..., Any], what: str, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, called again while it fails with a ``transient`` error, for up
+    to ``STORAGE_PATIENCE`` seconds (0.5 s, then doubling up to 5 s between calls), with one
+    warning when the waiting starts and one line when it is over. ``what`` names the store."""
+    if getattr(_retry_state, "active", False):
+        return fn(*args, **kwargs)
+    _retry_state.active = True
+    try:
+        start, pause, warned = time.monotonic(), 0.5, False
+        while True:
+            try:
+                result = fn(*args, **kwargs)
+            except Exception as e:
+                cause = transient(e)
+                if cause is None or time.monotonic() - start + pause > STORAGE_PATIENCE:
+                    raise
+                if not warned:
+                    text = str(getattr(cause, "orig", None) or cause).strip()
+                    log.warning(
+                        "the %s does not answer (%s); trying again for up to %.0f s",
+                        what,
+                        text.splitlines()[0] if text else type(cause).__name__,
+                        STORAGE_PATIENCE,
+                    )
+                    warned = True
+                time.sleep(pause)
+                pause = min(pause * 2, 5.0)
+                continue
+            if warned:
+                log.warning("the %s answers again (%.1f s)", what, time.monotonic() - start)
+            return result
+    finally:
+        _retry_state.active = False
+
+
+#: RDBStorage's calls that _CachedStorage (what Optuna puts in front of it) makes besides its
+#: public ones
+_PRIVATE_CALLS = (
+    "_create_new_trial",
+    "_set_trial_param",
+    "_get_best_trial_id",
+    "_get_trials",
+    "_get_stale_trial_ids",
+)
+
+
+@functools.cache
+def _retrying_rdb_storage() -> type:
+    """RDBStorage whose every database call is ``retrying``. A subclass, so that Optuna
+    still treats it as its own (the trial cache, heartbeats). Only a call that the server
+    did not answer is made again: one whose commit was done but whose answer was lost is
+    made twice, which for a new trial leaves an orphan RUNNING trial with no worker, failed
+    as stale by the next reservation (``fail_stale``)."""
+    import optuna
+
+    base = optuna.storages.RDBStorage
+
+    def wrap(name: str):
+        method = getattr(base, name)
+
+        @functools.wraps(method)
+        def call(self, *args, **kwargs):
+            return retrying(method, "Optuna storage", self, *args, **kwargs)
+
+        return call
+
+    names = [
+        n
+        for n in dir(base)
+        if (not n.startswith("_") or n in _PRIVATE_CALLS)
+        and callable(getattr(base, n))
+        and not isinstance(inspect.getattr_static(base, n), (staticmethod, classmethod, property))
+    ]
+    return type("RetryingRDBStorage", (base,), {n: wrap(n) for n in names})
 
 
 class FileLock:
@@ -745,8 +852,7 @@ class PgAdvisoryLock:
 
         with self._thread_lock:
             if self._depth == 0:
-                self._conn = self.engine.connect()
-                self._conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
+                self._conn = retrying(self._acquire, "Optuna storage (its study lock)")
             self._depth += 1
             try:
                 yield
@@ -758,8 +864,21 @@ class PgAdvisoryLock:
                             sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self.key}
                         )
                         self._conn.commit()
-                    self._conn.close()
+                    with contextlib.suppress(Exception):  # a server gone meanwhile
+                        self._conn.close()
                     self._conn = None
+
+    def _acquire(self):
+        import sqlalchemy
+
+        conn = self.engine.connect()
+        try:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
+        except BaseException:
+            with contextlib.suppress(Exception):
+                conn.close()
+            raise
+        return conn
 
 
 class NoLock:
