@@ -334,3 +334,92 @@ def test_the_run_readers_make_no_store_where_there_is_none(main, tmp_path, capsy
         "sweeps.run first, or give --tracking-uri of a store that has them)\n"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+class _Clock:
+    """``stores.time`` for ``retrying``: sleeps advance a fake clock at once."""
+
+    def __init__(self) -> None:
+        self.now, self.slept = 0.0, []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def _unreachable() -> Exception:
+    """What a call through SQLAlchemy raises while the database server restarts, wrapped as
+    Optuna and MLflow wrap it."""
+    import sqlalchemy.exc
+
+    try:
+        try:
+            raise sqlalchemy.exc.OperationalError(
+                "SELECT 1", {}, Exception("the database system is shutting down")
+            )
+        except sqlalchemy.exc.OperationalError as e:
+            raise RuntimeError("An exception is raised during the commit.") from e
+    except RuntimeError as wrapped:
+        return wrapped
+
+
+def test_retrying_waits_for_a_database_that_comes_back(monkeypatch, caplog):
+    clock = _Clock()
+    monkeypatch.setattr(stores, "time", clock)
+    calls = []
+
+    def call(x):
+        calls.append(x)
+        if len(calls) < 4:
+            raise _unreachable()
+        return x * 2
+
+    assert stores.retrying(call, "Optuna storage", 21) == 42
+    assert len(calls) == 4 and clock.slept == [0.5, 1.0, 2.0]
+    assert "the Optuna storage does not answer (the database system is shutting down)" in (
+        caplog.text
+    )
+    assert "the Optuna storage answers again (3.5 s)" in caplog.text
+
+
+def test_retrying_gives_up_after_its_patience_and_never_retries_other_errors(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(stores, "time", clock)
+    monkeypatch.setattr(stores, "PATIENCE", 10.0)
+    calls = []
+
+    def down():
+        calls.append(1)
+        raise _unreachable()
+
+    with pytest.raises(RuntimeError, match="during the commit"):
+        stores.retrying(down, "Optuna storage")
+    assert clock.now <= 10.0 and sum(clock.slept) == clock.now and len(calls) == 5
+
+    def refused():
+        calls.append(2)
+        raise ValueError("duplicate study name")
+
+    with pytest.raises(ValueError, match="duplicate"):
+        stores.retrying(refused, "Optuna storage")
+    assert calls.count(2) == 1  # a fault of the request: at once
+
+
+def test_retrying_inside_retrying_waits_once(monkeypatch):
+    """A retried call that makes others (RDBStorage's methods call each other) is retried
+    as a whole: the inner calls raise at once, so patience is not spent twice."""
+    clock = _Clock()
+    monkeypatch.setattr(stores, "time", clock)
+    inner_calls = []
+
+    def inner():
+        inner_calls.append(1)
+        if len(inner_calls) == 1:
+            raise _unreachable()
+        return "ok"
+
+    assert stores.retrying(lambda: stores.retrying(inner, "x"), "x") == "ok"
+    assert len(inner_calls) == 2 and clock.slept == [0.5]

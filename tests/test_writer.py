@@ -287,3 +287,35 @@ def _alive(pid: int) -> bool:
             return f.read().split(") ", 1)[1][0] != "Z"
     except OSError:
         return False
+
+
+def test_the_writer_waits_for_a_database_store_that_restarts(monkeypatch):
+    """A request the store's database could not take while it restarted is made again
+    (``stores.retrying``), not recorded as the run's failure."""
+    import sqlalchemy.exc
+    from mlflow.exceptions import MlflowException
+
+    from sweeps import stores
+
+    monkeypatch.setattr(stores.time, "sleep", lambda s: None)
+
+    class Client:
+        tracking_uri = "postgresql://db/mlflow"
+
+        def __init__(self) -> None:
+            self.tags: list[tuple[str, str]] = []
+            self.failures = 2
+
+        def set_terminated(self, run_id, status, end_time):
+            if self.failures:
+                self.failures -= 1
+                try:
+                    raise sqlalchemy.exc.OperationalError("UPDATE runs", {}, Exception("gone"))
+                except sqlalchemy.exc.OperationalError as e:
+                    raise MlflowException(str(e)) from e
+            self.tags.append((run_id, status))
+
+    client = Client()
+    applier = writer.Applier(client)
+    assert applier.apply("set_terminated", ("r1", "FINISHED", 1), {}) == (None, None)
+    assert client.tags == [("r1", "FINISHED")] and applier.failed == {}

@@ -77,6 +77,7 @@ from typing import TYPE_CHECKING, Any, cast
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
+from sweeps import stores
 from sweeps.config import (
     GROUPS,
     MlflowConf,
@@ -697,69 +698,8 @@ def open_storage(storage: str, heartbeat_interval: int, grace_period: int):
         if path is not None:  # a local file: no server to wait for
             return optuna.storages.RDBStorage(url, **kwargs)
         # A database server can restart or fail over under a study that runs for hours: its
-        # calls wait for it (``STORAGE_PATIENCE``).
-        return retrying(_retrying_rdb_storage(), "Optuna storage", url, **kwargs)
-
-
-#: seconds a database storage may stay unreachable (a server restart, a failover) before
-#: the error of the call that waits for it is raised
-STORAGE_PATIENCE = 120.0
-_retry_state = threading.local()  # inside a retried call: nested calls are not retried again
-
-
-def transient(e: BaseException) -> BaseException | None:
-    """The error in ``e``'s chain that makes it the database server being unreachable for
-    now (restarting, failing over, a dropped connection) or a transaction to run again (a
-    deadlock), not a fault of the request: SQLAlchemy's OperationalError or InterfaceError,
-    or a connection it invalidated, also when wrapped (Optuna's StorageInternalError). None
-    for any other error."""
-    import sqlalchemy.exc
-
-    seen: set[int] = set()
-    err: BaseException | None = e
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
-            return err
-        if isinstance(err, sqlalchemy.exc.DBAPIError) and err.connection_invalidated:
-            return err
-        err = err.__cause__ or err.__context__
-    return None
-
-
-def retrying(fn: Callable[..., Any], what: str, *args: Any, **kwargs: Any) -> Any:
-    """``fn(*args, **kwargs)``, called again while it fails with a ``transient`` error, for up
-    to ``STORAGE_PATIENCE`` seconds (0.5 s, then doubling up to 5 s between calls), with one
-    warning when the waiting starts and one line when it is over. ``what`` names the store."""
-    if getattr(_retry_state, "active", False):
-        return fn(*args, **kwargs)
-    _retry_state.active = True
-    try:
-        start, pause, warned = time.monotonic(), 0.5, False
-        while True:
-            try:
-                result = fn(*args, **kwargs)
-            except Exception as e:
-                cause = transient(e)
-                if cause is None or time.monotonic() - start + pause > STORAGE_PATIENCE:
-                    raise
-                if not warned:
-                    text = str(getattr(cause, "orig", None) or cause).strip()
-                    log.warning(
-                        "the %s does not answer (%s); trying again for up to %.0f s",
-                        what,
-                        text.splitlines()[0] if text else type(cause).__name__,
-                        STORAGE_PATIENCE,
-                    )
-                    warned = True
-                time.sleep(pause)
-                pause = min(pause * 2, 5.0)
-                continue
-            if warned:
-                log.warning("the %s answers again (%.1f s)", what, time.monotonic() - start)
-            return result
-    finally:
-        _retry_state.active = False
+        # calls wait for it (``stores.PATIENCE``).
+        return stores.retrying(_retrying_rdb_storage(), "Optuna storage", url, **kwargs)
 
 
 #: RDBStorage's calls that _CachedStorage (what Optuna puts in front of it) makes besides its
@@ -789,7 +729,7 @@ def _retrying_rdb_storage() -> type:
 
         @functools.wraps(method)
         def call(self, *args, **kwargs):
-            return retrying(method, "Optuna storage", self, *args, **kwargs)
+            return stores.retrying(method, "Optuna storage", self, *args, **kwargs)
 
         return call
 
@@ -852,7 +792,7 @@ class PgAdvisoryLock:
 
         with self._thread_lock:
             if self._depth == 0:
-                self._conn = retrying(self._acquire, "Optuna storage (its study lock)")
+                self._conn = stores.retrying(self._acquire, "Optuna storage (its study lock)")
             self._depth += 1
             try:
                 yield

@@ -9,13 +9,20 @@ traceback, after the run has been set up.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
 import ssl
+import threading
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 10  # seconds a server has to answer the check
 DATABASES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow's SQL stores
@@ -188,3 +195,67 @@ def _check_database(uri: str, where: str, timeout: float) -> None:
         raise StoreError(f"cannot connect to {where}: {reason}") from None
     finally:
         engine.dispose()
+
+
+# -- a database store that stops answering for a while -------------------------------------
+
+#: seconds a database store may stay unreachable (a server restart, a failover) before the
+#: error of a ``retrying`` call that waits for it is raised
+PATIENCE = 120.0
+_retry_state = threading.local()  # inside a retried call: nested calls are not retried again
+
+
+def transient(e: BaseException) -> BaseException | None:
+    """The error in ``e``'s chain that makes it the database server being unreachable for
+    now (restarting, failing over, a dropped connection) or a transaction to run again (a
+    deadlock), not a fault of the request: SQLAlchemy's OperationalError or InterfaceError,
+    or a connection it invalidated, also when wrapped (Optuna's StorageInternalError,
+    MLflow's MlflowException). None for any other error (an MLflow tracking server's
+    connection errors included: MLflow's client retries those itself)."""
+    import sqlalchemy.exc
+
+    seen: set[int] = set()
+    err: BaseException | None = e
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
+            return err
+        if isinstance(err, sqlalchemy.exc.DBAPIError) and err.connection_invalidated:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def retrying(fn: Callable[..., Any], what: str, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, called again while it fails with a ``transient`` error, for up
+    to ``PATIENCE`` seconds (0.5 s, then doubling up to 5 s between calls), with one
+    warning when the waiting starts and one line when it is over. ``what`` names the store."""
+    if getattr(_retry_state, "active", False):
+        return fn(*args, **kwargs)
+    _retry_state.active = True
+    try:
+        start, pause, warned = time.monotonic(), 0.5, False
+        while True:
+            try:
+                result = fn(*args, **kwargs)
+            except Exception as e:
+                cause = transient(e)
+                if cause is None or time.monotonic() - start + pause > PATIENCE:
+                    raise
+                if not warned:
+                    text = str(getattr(cause, "orig", None) or cause).strip()
+                    log.warning(
+                        "the %s does not answer (%s); trying again for up to %.0f s",
+                        what,
+                        text.splitlines()[0] if text else type(cause).__name__,
+                        PATIENCE,
+                    )
+                    warned = True
+                time.sleep(pause)
+                pause = min(pause * 2, 5.0)
+                continue
+            if warned:
+                log.warning("the %s answers again (%.1f s)", what, time.monotonic() - start)
+            return result
+    finally:
+        _retry_state.active = False

@@ -42,6 +42,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from sweeps import stores
+
 log = logging.getLogger(__name__)
 
 FAILURE_TAG = "sweeps.failure"  # why a run ended FAILED (tracking.FAILURE_TAG is this one)
@@ -102,48 +104,55 @@ class Applier:
         URI) of a run created, else None). ``args[0]`` names the run: its id or its token."""
         ref = args[0]
         try:
-            if op == "create_run":
-                experiment_id, start_time, tags, run_name = args[1:]
-                run = self.client.create_run(
-                    experiment_id, start_time=start_time, tags=tags, run_name=run_name
-                )
-                self.created[ref] = (run.info.run_id, run.info.artifact_uri)
-                return None, self.created[ref]
-            run_id = self.run_id(ref)
-            if op == "log_inputs":
-                log_inputs(self.client, run_id, *args[1:], **kwargs)
-            elif op == "set_terminated":
-                status, end_time = args[1], args[2]
-                if status == "FINISHED" and ref in self.failed:
-                    reason = f"could not record it: {self.failed[ref]}"
-                    self.client.set_tag(run_id, FAILURE_TAG, reason[:5000])
-                    status = "FAILED"
-                self.client.set_terminated(run_id, status=status, end_time=end_time)
-                self.failed.pop(ref, None)
-                self.created.pop(ref, None)  # the run's last request
-            elif op == "log_batch":
-                self.client.log_batch(run_id, *args[1:], synchronous=True, **kwargs)
-            elif op == "log_texts":
-                from mlflow.store.artifact.artifact_repository_registry import (
-                    get_artifact_repository,
-                )
-
-                texts, uri = args[1], args[2]
-                if uri is None:
-                    uri = (
-                        self.created[ref][1]
-                        if ref in self.created
-                        else self.client.get_run(run_id).info.artifact_uri
-                    )
-                repo = get_artifact_repository(uri, tracking_uri=self.client.tracking_uri)
-                upload_texts(repo, texts)
-            else:
-                raise ValueError(f"unknown request {op!r}")
+            # made again while a database store restarts (``stores.retrying``; MLflow's
+            # client retries a tracking server's requests itself)
+            return None, stores.retrying(self._apply, "MLflow tracking store", op, args, kwargs)
         except Exception as e:
             error = f"{op}: {type(e).__name__}: {e}"
             self.failed.setdefault(ref, error)
             return error, None
-        return None, None
+
+    def _apply(self, op: str, args: tuple, kwargs: Mapping[str, Any]) -> Any:
+        """Make one request; its result (see ``apply``). Raises its error."""
+        ref = args[0]
+        if op == "create_run":
+            experiment_id, start_time, tags, run_name = args[1:]
+            run = self.client.create_run(
+                experiment_id, start_time=start_time, tags=tags, run_name=run_name
+            )
+            self.created[ref] = (run.info.run_id, run.info.artifact_uri)
+            return self.created[ref]
+        run_id = self.run_id(ref)
+        if op == "log_inputs":
+            log_inputs(self.client, run_id, *args[1:], **kwargs)
+        elif op == "set_terminated":
+            status, end_time = args[1], args[2]
+            if status == "FINISHED" and ref in self.failed:
+                reason = f"could not record it: {self.failed[ref]}"
+                self.client.set_tag(run_id, FAILURE_TAG, reason[:5000])
+                status = "FAILED"
+            self.client.set_terminated(run_id, status=status, end_time=end_time)
+            self.failed.pop(ref, None)
+            self.created.pop(ref, None)  # the run's last request
+        elif op == "log_batch":
+            self.client.log_batch(run_id, *args[1:], synchronous=True, **kwargs)
+        elif op == "log_texts":
+            from mlflow.store.artifact.artifact_repository_registry import (
+                get_artifact_repository,
+            )
+
+            texts, uri = args[1], args[2]
+            if uri is None:
+                uri = (
+                    self.created[ref][1]
+                    if ref in self.created
+                    else self.client.get_run(run_id).info.artifact_uri
+                )
+            repo = get_artifact_repository(uri, tracking_uri=self.client.tracking_uri)
+            upload_texts(repo, texts)
+        else:
+            raise ValueError(f"unknown request {op!r}")
+        return None
 
     def run_id(self, ref: str) -> str:
         if not ref.startswith(TOKEN):
