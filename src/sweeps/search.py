@@ -1413,9 +1413,15 @@ class Search:
             return set()
         try:
             client = self.client()
-            experiments = [e.experiment_id for e in client.search_experiments()]
-            names: set[str] = set()
+            experiments: list[str] = []
             token = None
+            while True:
+                found = client.search_experiments(max_results=1000, page_token=token)
+                experiments += [e.experiment_id for e in found]
+                token = found.token
+                if not token:
+                    break
+            names: set[str] = set()
             while True:
                 page = client.search_runs(
                     experiments,
