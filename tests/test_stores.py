@@ -369,6 +369,8 @@ def _unreachable() -> Exception:
 def test_retrying_waits_for_a_database_that_comes_back(monkeypatch, caplog):
     clock = _Clock()
     monkeypatch.setattr(stores, "time", clock)
+    monkeypatch.setattr(stores, "_answered_again", -float("inf"))  # restored after the test
+    assert not stores.waited_within(60.0)
     calls = []
 
     def call(x):
@@ -383,6 +385,10 @@ def test_retrying_waits_for_a_database_that_comes_back(monkeypatch, caplog):
         caplog.text
     )
     assert "the Optuna storage answers again (3.5 s)" in caplog.text
+    # the heartbeats others recorded meanwhile are late: not judged for a grace period
+    assert stores.waited_within(60.0)
+    clock.now += 61.0
+    assert not stores.waited_within(60.0)
 
 
 def test_retrying_gives_up_after_its_patience_and_never_retries_other_errors(monkeypatch):

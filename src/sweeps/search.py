@@ -1532,7 +1532,9 @@ class Search:
                 reason,
             )
             failed.append(t.number)
-        if self.heartbeat:
+        # After a wait for the storage, the other workers' heartbeats are as late as the
+        # outage was long: not judged until a grace period has passed since.
+        if self.heartbeat and not stores.waited_within(self.cfg.grace_period):
             before = {
                 t.number
                 for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))

@@ -203,6 +203,13 @@ def _check_database(uri: str, where: str, timeout: float) -> None:
 #: error of a ``retrying`` call that waits for it is raised
 PATIENCE = 120.0
 _retry_state = threading.local()  # inside a retried call: nested calls are not retried again
+_answered_again = -math.inf  # time.monotonic() when a store last answered after a wait
+
+
+def waited_within(seconds: float) -> bool:
+    """Whether this process waited for a store that did not answer (``retrying``) within the
+    last ``seconds``: what others recorded meanwhile (heartbeats) may be late by as long."""
+    return time.monotonic() - _answered_again < seconds
 
 
 def transient(e: BaseException) -> BaseException | None:
@@ -230,6 +237,7 @@ def retrying(fn: Callable[..., Any], what: str, *args: Any, **kwargs: Any) -> An
     """``fn(*args, **kwargs)``, called again while it fails with a ``transient`` error, for up
     to ``PATIENCE`` seconds (0.5 s, then doubling up to 5 s between calls), with one
     warning when the waiting starts and one line when it is over. ``what`` names the store."""
+    global _answered_again
     if getattr(_retry_state, "active", False):
         return fn(*args, **kwargs)
     _retry_state.active = True
@@ -255,7 +263,8 @@ def retrying(fn: Callable[..., Any], what: str, *args: Any, **kwargs: Any) -> An
                 pause = min(pause * 2, 5.0)
                 continue
             if warned:
-                log.warning("the %s answers again (%.1f s)", what, time.monotonic() - start)
+                _answered_again = time.monotonic()
+                log.warning("the %s answers again (%.1f s)", what, _answered_again - start)
             return result
     finally:
         _retry_state.active = False
