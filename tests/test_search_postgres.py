@@ -100,7 +100,7 @@ def test_a_database_restart_does_not_stop_a_study(postgres_server, mlflow_store,
     completes as if nothing had happened. Before, a restart killed the launcher and both
     workers and left a trial RUNNING."""
     url = postgres_server.url
-    args = tiny_args(url, mlflow_store, study="restart", rounds=[(24, "random")], epochs=10)
+    args = tiny_args(url, mlflow_store, study="restart", rounds=[(16, "random")], epochs=5)
     args += ["n_workers=2", "progress=true"]
     seen: list[int] = []
 
@@ -125,8 +125,8 @@ def test_a_database_restart_does_not_stop_a_study(postgres_server, mlflow_store,
         assert main(args) == 0
     finally:
         restarter.join()
-    assert seen and seen[0] < 24  # the server was down while the study ran
-    trials = check_invariants(url, mlflow_store, "restart", [24])
-    assert [S.outcome_of(t) for t in trials] == ["complete"] * 24
+    assert seen and seen[0] < 16  # the server was down while the study ran
+    trials = check_invariants(url, mlflow_store, "restart", [16])
+    assert [S.outcome_of(t) for t in trials] == ["complete"] * 16
     assert "the Optuna storage does not answer" in caplog.text  # the launcher waited
     assert "answers again" in caplog.text
