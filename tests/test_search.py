@@ -626,6 +626,50 @@ def test_a_failing_trial_does_not_stop_the_study(tmp_path, mlflow_store):
     assert "failed" in outcomes and "complete" in outcomes, outcomes
 
 
+def test_an_inline_trial_whose_store_fails_at_its_end_is_complete_and_kept_for_resend(
+    tmp_path, mlflow_store, monkeypatch
+):
+    """trial_writes=inline: the store fails the first trial's last send (its metrics). The
+    trial trained: Optuna gets its value (COMPLETE), its records go to mlruns/unsent for
+    sweeps.resend, its run is ended KILLED saying where they are, and resend makes it
+    FINISHED. Before, the trial was FAILed and its run later said COMPLETE."""
+    from mlflow.exceptions import MlflowException
+
+    from sweeps import resend
+
+    monkeypatch.chdir(tmp_path)
+    storage = str(tmp_path / "journal.log")
+    args = tiny_args(
+        storage, mlflow_store, study="lost", rounds=[(3, "random")], extra=["trial_writes=inline"]
+    )
+    real = MlflowClient.log_batch
+    failed: list[str] = []
+
+    def log_batch(client, run_id, metrics=(), *a, **k):
+        if metrics and not failed:  # the first trial's last send
+            failed.append(run_id)
+            raise MlflowException("API request to ... failed: Max retries exceeded")
+        return real(client, run_id, metrics, *a, **k)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", log_batch)
+    assert main(args) == 0
+    (run_id,) = failed
+    trials = load_study(storage, "lost").trials
+    assert [S.outcome_of(t) for t in trials] == ["complete"] * 3
+    kept = Path(trials[0].user_attrs[S.UNSENT])
+    assert kept == (tmp_path / "mlruns" / "unsent" / run_id).resolve()
+    assert trials[0].user_attrs[S.RUN_ID] == run_id
+    client = MlflowClient(mlflow_store["uri"])
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED"  # by the launcher, once its trials were done
+    assert f"python -m sweeps.resend {kept}" in run.data.tags["sweeps.failure"]
+    assert resend.main([str(kept)]) == 0
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["trial_state"] == "COMPLETE"
+    assert "sweeps.failure" not in run.data.tags
+    assert run.data.metrics["val/acc"] == trials[0].value
+
+
 def test_duplicates_are_never_trained_and_an_exhausted_space_ends_the_round(tmp_path, mlflow_store):
     _register(
         "grid_case",

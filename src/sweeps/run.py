@@ -201,7 +201,9 @@ def execute(
                 f"({results}) and its config, history, weights and unsent metrics are in "
                 f"{kept}; the run is left RUNNING there (the next sweeps.run on this "
                 "machine into this experiment ends it KILLED) until they are sent: "
-                f"python -m sweeps.resend {kept}"
+                f"python -m sweeps.resend {kept}",
+                Outcome(run.ref, history, val_acc, test, tracking.ui_command(m.tracking_uri)),
+                kept,
             )
         run.log_text(tracking.history_csv(history), "history.csv")
         return Outcome(run.run_id, history, val_acc, test, tracking.ui_command(m.tracking_uri))

@@ -127,6 +127,7 @@ HOST, PID, PID_START, WORKER = "worker_host", "worker_pid", "worker_started", "w
 PROCESS = "worker_process"  # procs.process_id(): which process, unambiguous across machines
 MACHINE = "worker_machine"  # procs.machine_id(): tells an earlier boot from another machine
 OVERRIDES, RUN_ID, DUPLICATE_OF = "overrides", "mlflow_run_id", "duplicate_of"
+UNSENT = "mlflow_unsent"  # the folder of a complete trial's MLflow records its store missed
 # Study user attrs.
 SPEC, PARENT_RUN, PARENT_URI, BEST_TEST, LAUNCHER = (
     "sweeps.spec",
@@ -1341,9 +1342,14 @@ class Search:
                 continue
             else:
                 state = states[int(number)].name
-            client.set_tag(
-                run.info.run_id, "sweeps.failure", "its worker stopped without ending it"
+            unsent = by_number[int(number)].user_attrs.get(UNSENT) if number is not None else None
+            reason = (
+                f"its store did not answer at its end; its records are kept in {unsent} "
+                f"(python -m sweeps.resend {unsent} sends them and ends it FINISHED)"
+                if unsent
+                else "its worker stopped without ending it"
             )
+            client.set_tag(run.info.run_id, "sweeps.failure", reason)
             client.set_tag(run.info.run_id, "trial_state", state)
             client.set_terminated(run.info.run_id, status="KILLED")
             ended += 1
@@ -1716,6 +1722,8 @@ class Search:
         import optuna
         from optuna.trial import TrialState
 
+        from sweeps.tracking import TrackingLost
+
         trial, number = res.trial, res.trial.number
         overrides = self.trial_overrides(number, res.params)
         tags = {
@@ -1746,6 +1754,24 @@ class Search:
             value = outcome.history.last(self.space.metric)
             if not math.isfinite(value):
                 raise ValueError(f"metric {self.space.metric} is {value}")
+        except TrackingLost as e:  # (trial_writes=inline) training finished, its store is gone
+            if e.outcome is None or not math.isfinite(
+                value := e.outcome.history.last(self.space.metric)
+            ):
+                raise
+            # The value is the trial's own: Optuna gets it. Its MLflow records wait in
+            # e.kept for sweeps.resend, which ends the run FINISHED (trial_state COMPLETE,
+            # as kept); calling the store now would wait through its retries.
+            log.warning(
+                "trial %d: complete, but its MLflow run %s is left RUNNING (the store does "
+                "not answer); its records are in %s: python -m sweeps.resend %s",
+                number,
+                e.outcome.run_id,
+                e.kept,
+                e.kept,
+            )
+            trial.set_user_attr(UNSENT, str(e.kept))
+            outcome = e.outcome
         except optuna.TrialPruned as e:
             self._finish_run(trial, "PRUNED", str(e), status="KILLED")
             trial.set_user_attr(OUTCOME, "pruned")
@@ -1920,10 +1946,13 @@ def record_gone(record: dict[str, Any]) -> bool:
 def _end_on_its_way(trial) -> bool:
     """Whether a finished trial's run may be RUNNING only until its worker's writer process
     makes the end its worker sent before telling Optuna the outcome (``reconcile_runs``
-    leaves it alone). A trial failed as stale has no such end coming."""
+    leaves it alone). A trial failed as stale has no such end coming, nor has a trial whose
+    records its store missed (``UNSENT``: only sweeps.resend ends that run)."""
     import datetime
 
     if trial.user_attrs.get(OUTCOME) not in ("complete", "pruned", "failed", "interrupted"):
+        return False
+    if trial.user_attrs.get(UNSENT):
         return False
     ended = trial.datetime_complete
     age = (datetime.datetime.now() - ended).total_seconds() if ended is not None else 0.0

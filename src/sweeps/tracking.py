@@ -59,7 +59,12 @@ PROBE_SECONDS = 60.0  # a lost tracking server is asked this often whether it is
 
 class TrackingLost(RuntimeError):
     """The tracking store stopped answering during a run and did not answer again by its
-    end: what the run made is kept on disk instead (``sweeps.run``)."""
+    end: what the run made is kept on disk instead (``sweeps.run``). ``outcome``: what the
+    finished training gave (``sweeps.run.Outcome``), ``kept``: the folder."""
+
+    def __init__(self, message: str, outcome: Any = None, kept: Path | None = None) -> None:
+        super().__init__(message)
+        self.outcome, self.kept = outcome, kept
 
 
 class ArtifactError(RuntimeError):
