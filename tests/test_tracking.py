@@ -850,6 +850,9 @@ class _Server:
         self.asked.append(key)
         return [m for m in self.stored if m.key == key]
 
+    def get_run(self, run_id):
+        self.asked.append(f"get_run {run_id}")
+
 
 def test_a_lost_tracking_server_is_asked_again_while_training_goes_on(monkeypatch):
     """Once the server answers its health check again, sending resumes during training, the
@@ -885,3 +888,9 @@ def test_a_tracking_server_that_went_down_is_lost_before_a_send_waits_for_it(mon
     assert run.lost is not None and "does not answer" in str(run.lost)
     assert server.sent == [[("val/acc", 1)]]  # no send tried while it was down
     assert run.unsent()["metrics"][0]["step"] == 2  # kept
+    # at the end, a server that still fails its health check is not asked through MLflow's
+    # retries: the run's records are kept for sweeps.resend
+    assert not run.online() and server.asked == [] and server.checks[-1] is False
+    assert "does not answer" in str(run.lost)  # the failure during training, kept
+    server.health = True
+    assert not run.online()  # given up: asked no more

@@ -608,11 +608,21 @@ class Run:
     def online(self) -> bool:
         """Whether the store takes this run's records: True unless it failed during training
         (``lost``); then it is asked once more (one request, MLflow's retries included) and,
-        if it answers, sending resumes; if not, False from then on."""
+        if it answers, sending resumes; if not, False from then on. A tracking server is
+        first asked its health check (2 s at most): one that does not answer it is not
+        waited for through MLflow's retries (about 4 minutes by default); it has been
+        lost since training, and what it missed is kept for ``sweeps.resend``."""
         if self.lost is None:
             return True
         if self._given_up:
             return False
+        uri = getattr(self.client, "tracking_uri", "")
+        if stores.scheme(uri) in stores.SERVERS:
+            try:
+                stores.check_reachable(uri, "MLflow tracking store", timeout=2.0)
+            except stores.StoreError:
+                self._given_up = True  # ``lost`` keeps the failure during training
+                return False
         try:
             with signals_held():
                 self.client.get_run(self.ref)
