@@ -570,36 +570,45 @@ class Run:
             first_line(e),
         )
 
+    @property
+    def _on_server(self) -> bool:
+        """Whether this run writes to a tracking server itself (its health check can be
+        asked): not a database store, nor a search worker's deferred writes."""
+        uri = getattr(self.client, "tracking_uri", "")
+        return not isinstance(self.client, writer.DeferredClient) and (
+            stores.scheme(uri) in stores.SERVERS
+        )
+
+    def _server_down(self) -> stores.StoreError | None:
+        """The error of the tracking server's health check (2 s at most, without MLflow's
+        minutes of retries), or None when it answers."""
+        try:
+            stores.check_reachable(self.client.tracking_uri, "MLflow tracking store", timeout=2.0)
+        except stores.StoreError as e:
+            return e
+        return None
+
     def _answers(self) -> bool:
         """Before a send during training: whether a tracking server answers its health
-        check (2 s at most); if not, the run is ``lost`` now (``_lose``) and asked again in
+        check; if not, the run is ``lost`` now (``_lose``) and asked again in
         ``PROBE_SECONDS``. Other stores, and a search worker's deferred writes: True."""
-        uri = getattr(self.client, "tracking_uri", "")
-        if isinstance(self.client, writer.DeferredClient) or stores.scheme(uri) not in (
-            stores.SERVERS
-        ):
+        if not self._on_server:
             return True
-        try:
-            stores.check_reachable(uri, "MLflow tracking store", timeout=2.0)
-        except stores.StoreError as e:
+        down = self._server_down()
+        if down is not None:
             self._probed = time.monotonic()
-            self._lose(e)
+            self._lose(down)
             return False
         return True
 
     def _back(self) -> bool:
         """Whether a lost tracking server answers its health check again (asked at most
         every ``PROBE_SECONDS``); other stores are asked only at the end (``online``)."""
-        uri = getattr(self.client, "tracking_uri", "")
         now = time.monotonic()
-        if self._given_up or stores.scheme(uri) not in stores.SERVERS:
-            return False
-        if now - self._probed < PROBE_SECONDS:
+        if self._given_up or not self._on_server or now - self._probed < PROBE_SECONDS:
             return False
         self._probed = now
-        try:
-            stores.check_reachable(uri, "MLflow tracking store", timeout=2.0)
-        except stores.StoreError:
+        if self._server_down() is not None:
             return False
         log.info("run %s: the tracking server answers again; sending what was kept", self.ref)
         self.lost, self._resumed = None, True
@@ -609,20 +618,16 @@ class Run:
         """Whether the store takes this run's records: True unless it failed during training
         (``lost``); then it is asked once more (one request, MLflow's retries included) and,
         if it answers, sending resumes; if not, False from then on. A tracking server is
-        first asked its health check (2 s at most): one that does not answer it is not
-        waited for through MLflow's retries (about 4 minutes by default); it has been
-        lost since training, and what it missed is kept for ``sweeps.resend``."""
+        first asked its health check: one that does not answer it is not waited for through
+        MLflow's retries (about 4 minutes by default); it has been lost since training, and
+        what it missed is kept for ``sweeps.resend``."""
         if self.lost is None:
             return True
         if self._given_up:
             return False
-        uri = getattr(self.client, "tracking_uri", "")
-        if stores.scheme(uri) in stores.SERVERS:
-            try:
-                stores.check_reachable(uri, "MLflow tracking store", timeout=2.0)
-            except stores.StoreError:
-                self._given_up = True  # ``lost`` keeps the failure during training
-                return False
+        if self._on_server and self._server_down() is not None:
+            self._given_up = True  # ``lost`` keeps the failure during training
+            return False
         try:
             with signals_held():
                 self.client.get_run(self.ref)
