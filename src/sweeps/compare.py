@@ -258,16 +258,6 @@ def _filter_string(sweep_id: str | None, tags: Mapping[str, str], extra: str) ->
     return " and ".join(parts)
 
 
-def _search_all(client, experiment_ids: list[str], filter_string: str) -> list:
-    runs, token = [], None
-    while True:
-        page = client.search_runs(experiment_ids, filter_string, max_results=1000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
 def _seed_key(seed: str) -> tuple[int, Any]:
     return (0, int(seed)) if seed.lstrip("-").isdigit() else (1, seed)
 
@@ -548,7 +538,7 @@ def compare(
     """Select runs, group them by ``by`` and compare ``metric`` across groups (see the
     module docstring). ``baseline`` is a group label: the value of the single ``by`` key
     (``"sgd"``), or values joined by commas for several keys (``"sgd,he"``)."""
-    from sweeps.tracking import get_client
+    from sweeps.tracking import get_client, search_all_runs
 
     if not by:
         raise ValueError("group by at least one key, e.g. by=['optimizer']")
@@ -573,7 +563,7 @@ def compare(
             )
         exp_ids.append(exp.experiment_id)
     filt = _filter_string(sweep_id, dict(tags or {}), filter_string)
-    found = _search_all(client, exp_ids, filt)
+    found = search_all_runs(client, exp_ids, filt)
     selection = f"experiment {', '.join(experiments)}" + (f", filter: {filt}" if filt else "")
 
     notes: list[str] = []

@@ -1417,6 +1417,8 @@ class Search:
         alone), None if the store could not say."""
         if not self.tracking:
             return set()
+        from sweeps import tracking
+
         try:
             client = self.client()
             experiments: list[str] = []
@@ -1427,23 +1429,12 @@ class Search:
                 token = found.token
                 if not token:
                     break
-            names: set[str] = set()
-            while True:
-                page = client.search_runs(
-                    experiments,
-                    filter_string="attributes.status = 'RUNNING'",
-                    max_results=1000,
-                    page_token=token,
-                )
-                names.update(
-                    r.data.tags["study"]
-                    for r in page
-                    if r.data.tags.get("sweeps.role") in ("trial", "study")
-                    and "study" in r.data.tags
-                )
-                token = page.token
-                if not token:
-                    return names
+            running = tracking.search_all_runs(client, experiments, "attributes.status = 'RUNNING'")
+            return {
+                r.data.tags["study"]
+                for r in running
+                if r.data.tags.get("sweeps.role") in ("trial", "study") and "study" in r.data.tags
+            }
         except Exception as e:
             log.warning("could not list the RUNNING runs of other studies: %s", e)
             return None

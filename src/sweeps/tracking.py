@@ -261,6 +261,17 @@ def ui_command(tracking_uri: str) -> str:
     return f"mlflow ui --backend-store-uri {tracking_uri}"
 
 
+def search_all_runs(client, experiment_ids: list[str], filter_string: str) -> list:
+    """Every run of ``experiment_ids`` that ``filter_string`` matches, page after page."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
 def get_client(tracking_uri: str):
     """A client whose store is ready. A local SQLite store is created (tables and migrations)
     under a lock beside the database file: two processes opening a new store at once would
