@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 from pg import PgServer, find_bindir
 from search_helpers import check_invariants, load_study, tiny_args
 from sweeps import search as S
+from sweeps import stores
 from sweeps.optuna_search import load_config, main
 
 IN_CI = os.environ.get("CI") == "true"
@@ -127,6 +128,84 @@ def test_a_database_restart_does_not_stop_a_study(postgres_server, mlflow_store,
         restarter.join()
     assert seen and seen[0] < 16  # the server was down while the study ran
     trials = check_invariants(url, mlflow_store, "restart", [16])
-    assert [S.outcome_of(t) for t in trials] == ["complete"] * 16
+    # A reservation under way when the server stopped lost the lock with its session: it
+    # starts over, and the trial it had asked for is failed (not counted), never trained
+    counted = [t for t in trials if S.outcome_of(t) in S.COUNTED]
+    assert [S.outcome_of(t) for t in counted] == ["complete"] * 16
+    for t in trials:
+        if t not in counted:
+            assert S.outcome_of(t) == "stale" and "lock" in t.user_attrs[S.REASON], t
+    assert "worker exit codes" not in caplog.text  # no process died of the restart
     assert "the Optuna storage does not answer" in caplog.text  # the launcher waited
     assert "answers again" in caplog.text
+
+
+@pytest.mark.postgres
+def test_a_restart_ends_a_section_under_the_study_lock_in_lock_lost(postgres_server):
+    """The server releases an advisory lock with its holder's session, and a restart ends
+    every session: another process may take the lock while the holder still runs its
+    section. The holder learns it at its next storage call that meets the outage (not made
+    again without the lock), or at the section's end."""
+    import sqlalchemy
+
+    url = postgres_server.url
+    lock, other = S.PgAdvisoryLock(url, "lost"), S.PgAdvisoryLock(url, "lost")
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    calls: list[int] = []
+
+    def storage_call() -> int:
+        calls.append(1)
+        with engine.connect() as conn:
+            return conn.execute(sqlalchemy.text("SELECT 1")).scalar()
+
+    with pytest.raises(stores.LockLost, match="ended while it was held"), lock():
+        postgres_server.halt()
+        try:
+            stores.retrying(storage_call, "Optuna storage")
+        finally:
+            postgres_server.resume()
+    assert len(calls) == 1  # not called again: no waiting for a server that comes back
+
+    with pytest.raises(stores.LockLost, match="ended while it was held"), lock():
+        postgres_server.halt()
+        postgres_server.resume()
+        with other():  # free: the server released it with the holder's session
+            assert storage_call() == 1
+
+    with lock():  # the lock works again; a section that keeps it ends as usual
+        assert storage_call() == 1
+
+
+@pytest.mark.postgres
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_a_reservation_that_loses_the_study_lock_starts_over(
+    postgres_server, mlflow_store, monkeypatch, caplog
+):
+    """The server restarts while a worker reserves a trial under the study lock: the trial
+    it had asked for is failed (another worker may have taken its slot meanwhile, or
+    failed it as a reservation that never finished) and the reservation starts over under
+    a new lock. Before, it went on without the lock: in CI the other worker failed that
+    trial meanwhile and this one crashed on it (UpdateFinishedTrialError)."""
+    url = postgres_server.url
+    search = S.Search(load_config(tiny_args(url, mlflow_store, study="relock")))
+    restarted: list[int] = []
+    real_suggest = S.suggest
+
+    def suggest_during_a_restart(trial, space, ranges):
+        if not restarted:
+            restarted.append(trial.number)
+            postgres_server.halt()
+            postgres_server.resume()
+        return real_suggest(trial, space, ranges)
+
+    monkeypatch.setattr(S, "suggest", suggest_during_a_restart)
+    res = search.reserve()
+    assert restarted == [0]
+    assert isinstance(res, S.Reservation) and res.trial.number == 1
+    trials = load_study(url, "relock").trials
+    assert trials[0].state == TrialState.FAIL and S.outcome_of(trials[0]) == "stale"
+    assert "lost the study lock" in trials[0].user_attrs[S.REASON]
+    assert trials[1].state == TrialState.RUNNING and trials[1].user_attrs[S.PID] == os.getpid()
+    assert "reserving a trial: the study lock's database session ended" in caplog.text
+    assert "starting over under a new lock" in caplog.text
+    assert search.reserve().trial.number == 2  # and the next one as usual

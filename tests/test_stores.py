@@ -429,3 +429,46 @@ def test_retrying_inside_retrying_waits_once(monkeypatch):
 
     assert stores.retrying(lambda: stores.retrying(inner, "x"), "x") == "ok"
     assert len(inner_calls) == 2 and clock.slept == [0.5]
+
+
+def test_a_retried_call_under_a_lost_lock_is_not_made_again(monkeypatch):
+    """Within ``guarding``, a call that meets the outage asks the guard first: a lock gone
+    with the server's restart ends the call in LockLost, which no outer ``retrying`` waits
+    on (waiting brings no lock back). While the guard passes, the call waits as usual."""
+    clock = _Clock()
+    monkeypatch.setattr(stores, "time", clock)
+    calls, checks = [], []
+
+    def check():  # the session answers twice, then is gone
+        checks.append(1)
+        if len(checks) > 2:
+            raise stores.LockLost("the study lock's database session ended")
+
+    def down():
+        calls.append(1)
+        raise _unreachable()
+
+    with stores.guarding(check), pytest.raises(stores.LockLost, match="session ended"):
+        stores.retrying(down, "Optuna storage")
+    assert len(calls) == 3 and len(checks) == 3 and clock.slept == [0.5, 1.0]
+
+    try:
+        with stores.guarding(check):
+            stores.retrying(down, "Optuna storage")
+    except stores.LockLost as e:
+        lost = e
+    assert stores.transient(lost) is None  # its cause is transient, it is not
+
+    def refused():
+        raise ValueError("duplicate study name")
+
+    checks.clear()
+    with stores.guarding(check), pytest.raises(ValueError):
+        stores.retrying(refused, "Optuna storage")
+    assert checks == []  # only an outage asks about the lock
+    # outside the scope: no guard any more
+    calls.clear()
+    monkeypatch.setattr(stores, "PATIENCE", 1.0)
+    with pytest.raises(RuntimeError, match="during the commit"):
+        stores.retrying(down, "Optuna storage")
+    assert checks == [] and len(calls) == 2

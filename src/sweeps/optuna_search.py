@@ -365,21 +365,25 @@ def _claim_best(
 ) -> dict[str, dict[str, Any]] | None:
     """Under the lock: the seeds of ``trial`` already finished, with this process recorded
     as the one retraining the rest; None when another live process is doing that."""
-    with search.lock():
-        claim = search.study.user_attrs.get(S.BEST_TEST) or {}
-        records = _stored_records(claim, trial, trial_seed, search.space.metric)
+
+    def claim() -> dict[str, dict[str, Any]] | None:
+        claimed = search.study.user_attrs.get(S.BEST_TEST) or {}
+        records = _stored_records(claimed, trial, trial_seed, search.space.metric)
         if all(str(s) in records for s in seeds):
             return records
-        if claim.get("trial") == trial and "pid" in claim:
-            mine = S.is_this_process(claim.get("process", ""), claim.get("host", ""), claim["pid"])
-            if not mine and not S.record_gone(claim):
+        if claimed.get("trial") == trial and "pid" in claimed:
+            process, host = claimed.get("process", ""), claimed.get("host", "")
+            mine = S.is_this_process(process, host, claimed["pid"])
+            if not mine and not S.record_gone(claimed):
                 log.info("another process retrains trial %d for the test set", trial)
                 return None
         search.study.set_user_attr(
             S.BEST_TEST,
             {"trial": trial, "value": value, **search.identity(), "seeds": records},
         )
-    return records
+        return records
+
+    return search.locked(claim, "claiming the best trial's retrains")
 
 
 def _retrain(search: S.Search, best, seed: int, parent: str | None) -> dict[str, Any]:
@@ -429,10 +433,13 @@ def evaluate_best(search: S.Search, report: S.Report, parent: str | None) -> Bes
         if str(seed) in records:
             continue
         records[str(seed)] = _retrain(search, best, seed, parent)
-        with search.lock():
+
+        def record(seed: int = seed) -> None:
             claim = dict(search.study.user_attrs.get(S.BEST_TEST) or {})
             claim["seeds"] = {**claim.get("seeds", {}), str(seed): records[str(seed)]}
             search.study.set_user_attr(S.BEST_TEST, claim)
+
+        search.locked(record, "recording a retrain of the best trial")
     return BestSeeds(best.number, best.value, search.space.metric, [records[str(s)] for s in seeds])
 
 
@@ -519,9 +526,12 @@ def study_main(search: S.Search, argv: Sequence[str], start: float, resumed: boo
     with one), the report, the best-test retrains and the results on the parent run."""
     cfg = search.cfg
     parent = search.ensure_parent_run()  # a local store is in WAL mode (tracking.get_client)
-    with search.lock():
+
+    def launch() -> None:
         search.fail_stale()
         search.record_launcher()
+
+    search.locked(launch, "recording the launch")
     search.reconcile_runs()
     search.end_dead_studies()  # a killed launcher's study that is never rerun
     before = S.tally(search.study.get_trials(deepcopy=False))
@@ -570,8 +580,8 @@ def study_main(search: S.Search, argv: Sequence[str], start: float, resumed: boo
             )
     progress.close()
     with S._signals_ignored():
-        with search.lock():
-            search.fail_stale(include_own=True)  # no trial runs in this process any more
+        # no trial runs in this process any more
+        search.locked(lambda: search.fail_stale(include_own=True), "failing its own trials")
         search.reconcile_runs()
         report = search.report()
     print("\n" + report.text(cfg.report_top), flush=True)

@@ -60,6 +60,7 @@ import fcntl
 import functools
 import hashlib
 import inspect
+import itertools
 import json
 import logging
 import math
@@ -72,7 +73,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
@@ -139,6 +140,9 @@ SPEC, PARENT_RUN, PARENT_URI, BEST_TEST, LAUNCHER = (
 #: study user attr: the number of the first trial that ``max_failures`` counts. Each launch
 #: sets it: a rerun after the cause of the failures is fixed starts with the whole budget.
 FAILURES_FROM = "sweeps.failures_from"
+#: times in a row a locked section (``Search.locked``) may lose its lock before it gives up
+LOCK_ATTEMPTS = 5
+_T = TypeVar("_T")
 
 
 def ranges_attr(r: int) -> str:
@@ -774,7 +778,14 @@ class FileLock:
 
 class PgAdvisoryLock:
     """``pg_advisory_lock`` keyed by the study name, on a connection of its own: the server
-    releases it when the holder's session ends (a killed worker, a lost machine)."""
+    releases it when the holder's session ends (a killed worker, a lost machine).
+
+    A restart of the server ends the holder's session too, and another process may take
+    the lock while the holder still runs its section. So the section ends in
+    ``stores.LockLost`` instead: at its first storage call that meets the outage (its
+    ``stores.retrying`` asks ``_check`` before calling again), or at its end when the
+    session turns out gone (``pg_advisory_unlock`` cannot run). ``Search.locked`` runs such
+    a section again under a new lock."""
 
     def __init__(self, url: str, name: str) -> None:
         import sqlalchemy
@@ -789,25 +800,59 @@ class PgAdvisoryLock:
 
     @contextlib.contextmanager
     def __call__(self) -> Iterator[None]:
-        import sqlalchemy
-
         with self._thread_lock:
             if self._depth == 0:
                 self._conn = stores.retrying(self._acquire, "Optuna storage (its study lock)")
             self._depth += 1
+            ended: BaseException | None = None
             try:
-                yield
+                with stores.guarding(self._check):
+                    yield
+            except BaseException as e:
+                ended = e
+                raise
             finally:
                 self._depth -= 1
-                if self._depth == 0 and self._conn is not None:
-                    with contextlib.suppress(Exception):
-                        self._conn.execute(
-                            sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self.key}
-                        )
-                        self._conn.commit()
-                    with contextlib.suppress(Exception):  # a server gone meanwhile
-                        self._conn.close()
-                    self._conn = None
+                if self._depth == 0:
+                    held = self._release()
+                    # an error of the section itself may be the race (another process
+                    # finished a trial it was reserving): the lost lock is the cause
+                    not_interrupted = ended is None or isinstance(ended, Exception)
+                    if not held and not_interrupted and not isinstance(ended, stores.LockLost):
+                        raise stores.LockLost(
+                            "the study lock's database session ended while it was held"
+                        ) from ended
+
+    def _check(self) -> None:
+        """Raise ``stores.LockLost`` if the session holding the lock is gone (a session
+        that answers still holds it: the lock is released only with its session)."""
+        import sqlalchemy
+
+        try:
+            self._conn.execute(sqlalchemy.text("SELECT 1"))
+        except Exception as e:
+            reason = str(getattr(e, "orig", None) or e).strip().splitlines()
+            raise stores.LockLost(
+                "the study lock's database session ended while it was held"
+                + (f" ({reason[0]})" if reason else "")
+            ) from None
+
+    def _release(self) -> bool:
+        """Unlock and close the lock's connection; whether the lock was still held."""
+        import sqlalchemy
+
+        held = False
+        with contextlib.suppress(Exception):  # a session gone meanwhile: nothing to unlock
+            held = bool(
+                self._conn.execute(
+                    sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self.key}
+                ).scalar()
+            )
+            self._conn.commit()
+        with contextlib.suppress(Exception):
+            self._conn.close()
+        self._conn = None
+        return held
 
     def _acquire(self):
         import sqlalchemy
@@ -1099,6 +1144,9 @@ class Search:
         self._client = None
         self._experiment_id: str | None = None
         self.label = ""  # in log lines: "" for its own study, "study 'x': " for another's
+        self._asked: list[int] = []  # trial ids asked for by a reservation not yet returned
+        self._created_parent: str | None = None
+        self._in_locked = threading.local()
         self.study = optuna.create_study(
             study_name=self.name,
             storage=self.storage,
@@ -1106,6 +1154,30 @@ class Search:
             load_if_exists=True,
             pruner=make_pruner(cfg.pruner),
         )
+
+    def locked(self, fn: Callable[[], _T], what: str) -> _T:
+        """``fn()`` under the study lock. Run again under a new lock when the lock was lost
+        while it ran (``stores.LockLost``: the database server restarted), so ``fn`` must be
+        safe to run twice; a section within another one is run again by the outer one."""
+        if getattr(self._in_locked, "active", False):
+            with self.lock():
+                return fn()
+        self._in_locked.active = True
+        try:
+            for attempt in itertools.count(1):
+                try:
+                    with self.lock():
+                        return fn()
+                except stores.LockLost as e:
+                    if attempt >= LOCK_ATTEMPTS:
+                        raise SearchError(
+                            f"{what}: the study lock was lost {attempt} times in a row ({e}); "
+                            "is the storage's database server restarting over and over?"
+                        ) from e
+                    log.warning("%s%s: %s; starting over under a new lock", self.label, what, e)
+            raise AssertionError("unreachable")
+        finally:
+            self._in_locked.active = False
 
     # -- config of the study
 
@@ -1123,13 +1195,18 @@ class Search:
         """Store the spec on a new study (or one without trials yet); on a study with
         trials, refuse a different spec. Returns whether a spec was stored before."""
         current = json.loads(json.dumps(self.spec()))
-        with self.lock():
-            attrs = self.study.user_attrs
-            stored = attrs.get(SPEC)
+
+        def stored_spec() -> Any:
+            stored = self.study.user_attrs.get(SPEC)
             if stored is None or (stored != current and not self.study.get_trials(deepcopy=False)):
                 self.study.set_user_attr(SPEC, current)
                 self.study.set_user_attr("sweeps.rounds", [asdict(r) for r in self.space.rounds])
-                return False
+                return None
+            return stored
+
+        stored = self.locked(stored_spec, "storing the study's settings")
+        if stored is None:
+            return False
         if stored != current:
             diff = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
             raise SearchError(
@@ -1228,34 +1305,46 @@ class Search:
         from sweeps import tracking
 
         client = self.client()
-        with self.lock():
+
+        def open_run() -> tuple[str, bool]:  # the run, and whether it is new
             run_id = self.parent_run_id()
-            if run_id is not None:
+            if run_id is not None and run_id != self._created_parent:
                 try:
                     run = client.get_run(run_id)
                     if run.info.status != "RUNNING":
                         client.update_run(run_id, status="RUNNING")
                     if "sweeps.failure" in run.data.tags:  # why it was ended: no more
                         client.delete_tag(run_id, "sweeps.failure")
-                    return run_id
+                    return run_id, False
+                except stores.LockLost:
+                    raise
                 except Exception:
                     log.warning(
                         "parent run %s not found in %s; creating a new one",
                         run_id,
                         self.cfg.mlflow.tracking_uri,
                     )
-            tags = {
-                "sweeps.role": "study",
-                "study": self.name,
-                "search": self.space.name,
-                "sweep_id": self.name,
-                "storage": redact(self.storage_spec),
-                **tracking.environment_tags(),
-            }
-            run = client.create_run(self._experiment_id, run_name=f"study-{self.name}", tags=tags)
-            run_id = run.info.run_id
-            self.study.set_user_attr(PARENT_RUN, run_id)
+            if self._created_parent is None:  # not by an earlier try that lost the lock
+                tags = {
+                    "sweeps.role": "study",
+                    "study": self.name,
+                    "search": self.space.name,
+                    "sweep_id": self.name,
+                    "storage": redact(self.storage_spec),
+                    **tracking.environment_tags(),
+                }
+                run = client.create_run(
+                    self._experiment_id, run_name=f"study-{self.name}", tags=tags
+                )
+                self._created_parent = run.info.run_id
+            self.study.set_user_attr(PARENT_RUN, self._created_parent)
             self.study.set_user_attr(PARENT_URI, self.cfg.mlflow.tracking_uri)
+            return self._created_parent, True
+
+        run_id, new = self.locked(open_run, "opening the study's MLflow run")
+        self._created_parent = None
+        if not new:
+            return run_id
         params = {
             "search": self.space.name,
             "study": self.name,
@@ -1361,9 +1450,12 @@ class Search:
         """Record this process as the study's launcher (``end_dead_studies`` judges it),
         and count failures from here on: the trials failed before this launch are no
         longer held against the study (``failure_limit_reason``)."""
-        with self.lock():
+
+        def record() -> None:
             self.study.set_user_attr(LAUNCHER, self.identity())
             self.study.set_user_attr(FAILURES_FROM, len(self.study.get_trials(deepcopy=False)))
+
+        self.locked(record, "recording the launcher")
 
     def identity(self) -> dict[str, Any]:
         """This process, as a launcher's or a best-test claim's record names it
@@ -1401,8 +1493,7 @@ class Search:
                 continue
             try:
                 other = self._other_study(summary.study_name)
-                with other.lock():
-                    failed = other.fail_stale()
+                failed = other.locked(other.fail_stale, "failing dead workers' trials")
                 ended = other.reconcile_runs() + other._end_dead_parent()
             except Exception as e:  # another study's trouble must not stop this one
                 log.warning("could not check study %r for dead workers: %s", summary.study_name, e)
@@ -1492,10 +1583,42 @@ class Search:
 
     # -- stale trials
 
+    def _mark_stale(self, trial_id: int, number: int, reason: str) -> bool:
+        """FAIL a RUNNING trial as not counted (``stale``): its slot runs again. False if it
+        had finished already."""
+        import optuna
+        from optuna.trial import TrialState
+
+        try:
+            self.storage.set_trial_user_attr(trial_id, OUTCOME, "stale")
+            self.storage.set_trial_user_attr(trial_id, REASON, reason)
+            self.storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return False
+        log.warning(
+            "%strial %d: %s; marked FAIL (not counted: its slot runs again)",
+            self.label,
+            number,
+            reason,
+        )
+        return True
+
+    def _abandon_asked(self) -> None:
+        """FAIL the trials an earlier try of ``reserve`` asked for before it lost the lock:
+        another process may have reserved the same slot meanwhile."""
+        from optuna.trial import TrialState
+
+        while self._asked:
+            t = self.storage.get_trial(self._asked[0])
+            if t.state == TrialState.RUNNING:
+                reason = "reserved while its worker lost the study lock (a storage outage)"
+                self._mark_stale(t._trial_id, t.number, reason)
+            self._asked.pop(0)
+
     def fail_stale(self, include_own: bool = False) -> list[int]:
         """FAIL the RUNNING trials whose worker is gone: on this host, a dead pid or a
         process of an earlier boot (``procs.gone``; or, under the lock, no pid recorded at
-        all: its worker died while reserving it); elsewhere,
+        all: its reservation never finished); elsewhere,
         Optuna's heartbeat (RDB storages). ``include_own``: also this process's own RUNNING
         trials (it calls this when it runs none any more). Call with the lock held."""
         import optuna
@@ -1514,21 +1637,10 @@ class Search:
                     reason = f"worker pid {pid} on {host} died while running it"
             elif isinstance(self.lock, NoLock):
                 continue
-            else:
-                reason = "its worker died while reserving it"
-            try:
-                self.storage.set_trial_user_attr(t._trial_id, OUTCOME, "stale")
-                self.storage.set_trial_user_attr(t._trial_id, REASON, reason)
-                self.storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-            except optuna.exceptions.UpdateFinishedTrialError:
-                continue
-            log.warning(
-                "%strial %d: %s; marked FAIL (not counted: its slot runs again)",
-                self.label,
-                t.number,
-                reason,
-            )
-            failed.append(t.number)
+            else:  # reserved under the lock, which its worker no longer holds
+                reason = "its reservation never finished (its worker died, or lost the study lock)"
+            if self._mark_stale(t._trial_id, t.number, reason):
+                failed.append(t.number)
         # After a wait for the storage, the other workers' heartbeats are as late as the
         # outage was long: not judged until a grace period has passed since.
         if self.heartbeat and not stores.waited_within(self.cfg.grace_period):
@@ -1630,38 +1742,46 @@ class Search:
 
     def reserve(self) -> Reservation | Wait | Stop | Done:
         """Take the next free slot: everything under the lock, so the budget and the
-        duplicate check hold across processes."""
-        with self.lock():
-            self.fail_stale()
-            trials = self.study.get_trials(deepcopy=False)
-            attrs = self.study.user_attrs
-            for r, rc in enumerate(self.space.rounds, 1):
-                c = tally(trials, r)
-                if c.counted >= rc.n_trials or attrs.get(exhausted_attr(r)):
-                    if c.running:
-                        return Wait()  # the next round's ranges need every trial of this one
-                    continue
-                if c.counted + c.running >= rc.n_trials:
+        duplicate check hold across processes. A lock lost meanwhile (the database server
+        restarted) starts it over under a new one; a trial asked for before is then
+        failed, not trained (another process may have counted or failed it meanwhile)."""
+        try:
+            return self.locked(self._reserve, "reserving a trial")
+        finally:
+            self._asked.clear()
+
+    def _reserve(self) -> Reservation | Wait | Stop | Done:
+        self._abandon_asked()
+        self.fail_stale()
+        trials = self.study.get_trials(deepcopy=False)
+        attrs = self.study.user_attrs
+        for r, rc in enumerate(self.space.rounds, 1):
+            c = tally(trials, r)
+            if c.counted >= rc.n_trials or attrs.get(exhausted_attr(r)):
+                if c.running:
+                    return Wait()  # the next round's ranges need every trial of this one
+                continue
+            if c.counted + c.running >= rc.n_trials:
+                return Wait()
+            stop = self.failure_limit_reason(trials)  # only when there is work left
+            if stop is not None:
+                return Stop(stop)
+            ranges = self.ranges_for(r, trials)
+            self.study.sampler = self.sampler_for(r, len(trials))
+            res = self._ask_unique(r, ranges, trials)
+            if res is None:
+                msg = (
+                    f"round {r}: the sampler proposed only parameter sets already tried "
+                    f"({self.cfg.dedup_attempts} times in a row); the space looks exhausted, "
+                    f"so the round ends with {c.counted} of {rc.n_trials} trials"
+                )
+                log.warning(msg)
+                self.study.set_user_attr(exhausted_attr(r), msg)
+                if c.running:
                     return Wait()
-                stop = self.failure_limit_reason(trials)  # only when there is work left
-                if stop is not None:
-                    return Stop(stop)
-                ranges = self.ranges_for(r, trials)
-                self.study.sampler = self.sampler_for(r, len(trials))
-                res = self._ask_unique(r, ranges, trials)
-                if res is None:
-                    msg = (
-                        f"round {r}: the sampler proposed only parameter sets already tried "
-                        f"({self.cfg.dedup_attempts} times in a row); the space looks exhausted, "
-                        f"so the round ends with {c.counted} of {rc.n_trials} trials"
-                    )
-                    log.warning(msg)
-                    self.study.set_user_attr(exhausted_attr(r), msg)
-                    if c.running:
-                        return Wait()
-                    continue
-                return res
-            return Done()
+                continue
+            return res
+        return Done()
 
     def _ask_unique(self, r: int, ranges, trials) -> Reservation | None:
         from optuna.trial import TrialState
@@ -1675,6 +1795,7 @@ class Search:
             with warnings.catch_warnings():  # heartbeats are recorded here, not by optimize()
                 warnings.filterwarnings("ignore", message="Heartbeat of storage")
                 trial = self.study.ask()
+            self._asked.append(trial._trial_id)
             for key, value in (
                 (ROUND, r),
                 (HOST, self.host),

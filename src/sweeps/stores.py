@@ -9,6 +9,7 @@ traceback, after the run has been set up.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -18,7 +19,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +207,29 @@ _retry_state = threading.local()  # inside a retried call: nested calls are not 
 _answered_again = -math.inf  # time.monotonic() when a store last answered after a wait
 
 
+class LockLost(Exception):
+    """The database session that held a cross-process lock ended while it was held (its
+    server restarted, its connection dropped): the server released the lock then, so
+    another process may have taken it and what was done under it may have raced that."""
+
+
+def guarding(check: Callable[[], None]) -> contextlib.AbstractContextManager[None]:
+    """Within: a ``retrying`` call that fails with a ``transient`` error first calls
+    ``check``, which raises ``LockLost`` when the lock the caller holds is gone; the call
+    is then not made again without it. One per thread (a lock's holder)."""
+
+    @contextlib.contextmanager
+    def scope() -> Iterator[None]:
+        previous = getattr(_retry_state, "guard", None)
+        _retry_state.guard = check
+        try:
+            yield
+        finally:
+            _retry_state.guard = previous
+
+    return scope()
+
+
 def waited_within(seconds: float) -> bool:
     """Whether this process waited for a store that did not answer (``retrying``) within the
     last ``seconds``: what others recorded meanwhile (heartbeats) may be late by as long."""
@@ -225,6 +249,8 @@ def transient(e: BaseException) -> BaseException | None:
     err: BaseException | None = e
     while err is not None and id(err) not in seen:
         seen.add(id(err))
+        if isinstance(err, LockLost):  # waiting brings no lock back
+            return None
         if isinstance(err, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
             return err
         if isinstance(err, sqlalchemy.exc.DBAPIError) and err.connection_invalidated:
@@ -248,7 +274,12 @@ def retrying(fn: Callable[..., Any], what: str, *args: Any, **kwargs: Any) -> An
                 result = fn(*args, **kwargs)
             except Exception as e:
                 cause = transient(e)
-                if cause is None or time.monotonic() - start + pause > PATIENCE:
+                if cause is None:
+                    raise
+                guard = getattr(_retry_state, "guard", None)
+                if guard is not None:
+                    guard()  # raises LockLost when the caller's lock went with the server
+                if time.monotonic() - start + pause > PATIENCE:
                     raise
                 if not warned:
                     text = str(getattr(cause, "orig", None) or cause).strip()
