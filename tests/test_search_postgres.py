@@ -209,3 +209,31 @@ def test_a_reservation_that_loses_the_study_lock_starts_over(
     assert "reserving a trial: the study lock's database session ended" in caplog.text
     assert "starting over under a new lock" in caplog.text
     assert search.reserve().trial.number == 2  # and the next one as usual
+
+
+@pytest.mark.postgres
+def test_processes_opening_a_new_database_at_once_all_open_it(postgres_server):
+    """Two machines launching on an empty database both create Optuna's tables: the one
+    that loses the race opens it again instead of failing (seen in a test whose helper
+    read the study while the launcher created it)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    errors: list[str] = []
+    for n in range(3):
+        name = f"fresh{n}"
+        postgres_server._run(
+            "createdb", "-h", "127.0.0.1", "-p", str(postgres_server.port), "-U", "postgres", name
+        )
+        url = postgres_server.url.rsplit("/", 1)[0] + f"/{name}"
+        start = threading.Barrier(4)
+
+        def open_it(url: str = url, start: threading.Barrier = start) -> None:
+            start.wait()
+            try:
+                S.open_storage(url, None, None)
+            except Exception as e:
+                errors.append(f"{type(e).__name__}: {str(e).splitlines()[0]}")
+
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda _: open_it(), range(4)))
+    assert errors == []

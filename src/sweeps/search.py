@@ -704,7 +704,28 @@ def open_storage(storage: str, heartbeat_interval: int, grace_period: int):
             return optuna.storages.RDBStorage(url, **kwargs)
         # A database server can restart or fail over under a study that runs for hours: its
         # calls wait for it (``stores.PATIENCE``).
-        return stores.retrying(_retrying_rdb_storage(), "Optuna storage", url, **kwargs)
+        storage_class = _retrying_rdb_storage()
+        for attempt in itertools.count(1):
+            try:
+                return stores.retrying(storage_class, "Optuna storage", url, **kwargs)
+            except Exception as e:
+                # Two processes opening a new database at once (two machines launching on an
+                # empty one) both create Optuna's tables: one of them fails on the other's.
+                # Opened again, it finds them.
+                if attempt >= 5 or not _created_meanwhile(e):
+                    raise
+                time.sleep(0.2 * attempt)
+    raise AssertionError("unreachable")
+
+
+def _created_meanwhile(e: BaseException) -> bool:
+    """Whether ``e`` is a table or type that another process created meanwhile (a unique
+    key or an ``already exists`` error of a CREATE)."""
+    import sqlalchemy.exc
+
+    if isinstance(e, sqlalchemy.exc.IntegrityError):
+        return True
+    return isinstance(e, sqlalchemy.exc.ProgrammingError) and "already exists" in str(e)
 
 
 #: RDBStorage's calls that _CachedStorage (what Optuna puts in front of it) makes besides its
