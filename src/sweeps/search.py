@@ -1568,6 +1568,7 @@ class Search:
         )
         other.heartbeat = False
         other._samplers = {}
+        other._asked, other._created_parent, other._in_locked = [], None, threading.local()
         attrs = other.study.user_attrs
         other._experiment_id = None
         same_store = attrs.get(PARENT_URI) == self.cfg.mlflow.tracking_uri
