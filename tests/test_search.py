@@ -471,6 +471,64 @@ def test_lean_trials_keep_curves_and_history_and_the_best_test_run_records_every
             assert _steps(client, r.info.run_id, "act/1/dead") == list(range(1, 13))
 
 
+@pytest.mark.parametrize(
+    ("cores", "n_workers", "writers", "expected"),
+    [
+        (2, 1, False, 2),
+        (2, 2, False, 1),
+        (2, 1, True, 1),  # the writer keeps the other core
+        (2, 2, True, 1),
+        (1, 1, True, 1),
+        (4, 1, True, 3),
+        (4, 2, True, 2),  # 1.5 a worker, rounded: a core of 4 is not worth half of each
+        (8, 4, True, 2),
+        (8, 3, False, 2),
+    ],
+)
+def test_blas_threads_leave_a_core_to_the_trials_writers(
+    monkeypatch, cores, n_workers, writers, expected
+):
+    import sweeps.optuna_search as O
+
+    monkeypatch.setattr(O.os, "sched_getaffinity", lambda _pid: set(range(cores)))
+    assert O.blas_threads(n_workers, writers) == expected
+
+
+def test_a_tracked_single_worker_trains_on_one_blas_thread_fewer(tmp_path, mlflow_store):
+    """One worker on this machine's cores: its trials hand their MLflow writes to a writer
+    process, which keeps a core; untracked, the trials use every core. Never more threads
+    than BLAS had."""
+    from threadpoolctl import threadpool_info
+
+    import sweeps.optuna_search as O
+
+    def blas() -> int:
+        return max(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+
+    before = blas()
+    seen: dict[str, int] = {}
+    real_work = S.Search.work
+
+    def work(self, *a, **k):
+        seen[str(self.tracking)] = blas()
+        return real_work(self, *a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(S.Search, "work", work)
+        for tracked in ("true", "false"):
+            args = tiny_args(
+                str(tmp_path / f"{tracked}.log"), mlflow_store, rounds=[(1, "random")], epochs=1
+            )
+            assert main([*args, f"mlflow.enabled={tracked}"]) == 0
+    assert seen == {
+        "True": min(before, O.blas_threads(1, writers=True)),
+        "False": min(before, O.blas_threads(1)),
+    }
+    assert blas() == before  # restored after the study
+    with O._fewer_blas_threads(before + 1):  # asked for more than BLAS has: left alone
+        assert blas() == before
+
+
 def test_one_worker_starts_its_trials_writer_before_it_opens_the_parent_run(tmp_path, mlflow_store):
     """With one worker the launcher runs the trials; their writer process starts before the
     launcher opens the store and the parent run, so that its start (about 2.5 s, importing

@@ -41,6 +41,7 @@ import ctypes
 import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -160,16 +161,39 @@ def _die_with_parent() -> bool:
     return launcher is None or os.getppid() == int(launcher)
 
 
-def blas_threads(n_workers: int) -> int:
+def blas_threads(n_workers: int, writers: bool = False) -> int:
+    """BLAS threads for each worker: the cores shared among the workers. With ``writers``
+    (trial writer processes: tracked, ``trial_writes=process``), one core fewer, rounded to
+    the nearest: their MLflow writes run while the trials train, and a BLAS thread whose
+    core they take stalls its GEMM's other threads. At least 1."""
     cores = (
         len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     )
+    if writers and cores > 1:
+        return max(1, math.floor((cores - 1) / n_workers + 0.5))
     return max(1, cores // n_workers)
+
+
+def trial_threads(cfg: S.SearchConfig) -> int:
+    """``blas_threads`` for this search's workers."""
+    writers = cfg.mlflow.enabled and cfg.trial_writes == "process"
+    return blas_threads(cfg.n_workers, writers)
+
+
+def _fewer_blas_threads(limit: int) -> contextlib.AbstractContextManager[Any]:
+    """BLAS limited to ``limit`` threads within, unless it runs on fewer already (a user's
+    ``OPENBLAS_NUM_THREADS``...): never more threads than it was given."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    now = [i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"]
+    if not now or limit >= max(now):
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=limit, user_api="blas")
 
 
 def run_workers(cfg: S.SearchConfig, argv: Sequence[str], progress: StudyProgress) -> list[int]:
     """Start n_workers processes running this same command as workers; wait for them."""
-    threads = str(blas_threads(cfg.n_workers))
+    threads = str(trial_threads(cfg))
     env = dict(os.environ)
     env[LAUNCHER_PID] = str(os.getpid())
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS"):
@@ -208,7 +232,7 @@ def worker_main(cfg: S.SearchConfig) -> int:
     search = S.Search(cfg, worker=cfg.worker or 0)
     with (
         search.trial_writer_started(),  # its start overlaps this process's opening the store
-        threadpool_limits(limits=blas_threads(cfg.n_workers)),
+        threadpool_limits(limits=trial_threads(cfg)),
         tracking.sigterm_as_interrupt(),
     ):
         try:
@@ -560,7 +584,8 @@ def study_main(search: S.Search, argv: Sequence[str], start: float, resumed: boo
     with tracking.sigterm_as_interrupt():
         try:
             if cfg.n_workers == 1:
-                search.work(parent, on_trial=progress.update)
+                with _fewer_blas_threads(trial_threads(cfg)):
+                    search.work(parent, on_trial=progress.update)
             else:
                 codes = run_workers(cfg, argv, progress)
                 if EXIT_FAILURES in codes:
