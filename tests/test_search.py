@@ -1007,12 +1007,20 @@ def test_reconcile_leaves_a_just_finished_trials_run_to_its_writer(
             },
         ).info.run_id
     assert search.reconcile_runs() == 1
-    assert client.get_run(runs["stale"]).info.status == "KILLED"
+    stale = client.get_run(runs["stale"])
+    assert stale.info.status == "KILLED"
+    assert stale.data.tags["sweeps.failure"] == "its worker stopped without ending it"
     assert client.get_run(runs["complete"]).info.status == "RUNNING"
     monkeypatch.setattr(S, "RUN_END_GRACE", 0.0)
     assert search.reconcile_runs() == 1
     got = client.get_run(runs["complete"])
     assert got.info.status == "KILLED" and got.data.tags["trial_state"] == "COMPLETE"
+    # its worker did end the trial: the store (or the writer) failed the run's end
+    assert got.data.tags["sweeps.failure"].startswith("its trial ended (COMPLETE, in the Optuna")
+    assert (
+        "the store refused its last writes, or its writer process died"
+        in (got.data.tags["sweeps.failure"])
+    )
 
 
 # -- processes ---------------------------------------------------------------------------------

@@ -915,6 +915,8 @@ def make_lock(storage: str, study_name: str):
 # -- trial bookkeeping -----------------------------------------------------------------------
 
 COUNTED = ("complete", "pruned", "failed")
+#: outcomes a worker records as it tells Optuna, once it has handed over the run's end
+TOLD = (*COUNTED, "interrupted")
 
 
 def outcome_of(t) -> str:
@@ -1452,13 +1454,21 @@ class Search:
                 continue
             else:
                 state = states[int(number)].name
-            unsent = by_number[int(number)].user_attrs.get(UNSENT) if number is not None else None
-            reason = (
-                f"its store did not answer at its end; its records are kept in {unsent} "
-                f"(python -m sweeps.resend {unsent} sends them and ends it FINISHED)"
-                if unsent
-                else "its worker stopped without ending it"
-            )
+            attrs = by_number[int(number)].user_attrs if number is not None else {}
+            unsent = attrs.get(UNSENT)
+            if unsent:
+                reason = (
+                    f"its store did not answer at its end; its records are kept in {unsent} "
+                    f"(python -m sweeps.resend {unsent} sends them and ends it FINISHED)"
+                )
+            elif attrs.get(OUTCOME) in TOLD:
+                reason = (
+                    f"its trial ended ({state}, in the Optuna study) and its worker handed over "
+                    "the run's end, which the store has not recorded: the store refused its "
+                    "last writes, or its writer process died (its worker's log says which)"
+                )
+            else:
+                reason = "its worker stopped without ending it"
             client.set_tag(run.info.run_id, "sweeps.failure", reason)
             client.set_tag(run.info.run_id, "trial_state", state)
             client.set_terminated(run.info.run_id, status="KILLED")
@@ -2084,7 +2094,7 @@ def _end_on_its_way(trial) -> bool:
     records its store missed (``UNSENT``: only sweeps.resend ends that run)."""
     import datetime
 
-    if trial.user_attrs.get(OUTCOME) not in ("complete", "pruned", "failed", "interrupted"):
+    if trial.user_attrs.get(OUTCOME) not in TOLD:
         return False
     if trial.user_attrs.get(UNSENT):
         return False
