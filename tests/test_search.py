@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import optuna
@@ -726,6 +727,74 @@ def test_an_inline_trial_whose_store_fails_at_its_end_is_complete_and_kept_for_r
     assert run.info.status == "FINISHED" and run.data.tags["trial_state"] == "COMPLETE"
     assert "sweeps.failure" not in run.data.tags
     assert run.data.metrics["val/acc"] == trials[0].value
+
+
+def test_a_trial_whose_writer_could_not_create_its_run_is_complete_and_kept_for_resend(
+    tmp_path, mlflow_store, monkeypatch
+):
+    """trial_writes=process: the store refuses to create the first trial's run (a tracking
+    server down longer than MLflow's retries), which its worker learns once the trial has
+    trained. Optuna gets the trial's value (COMPLETE); everything handed over for the run
+    (its tags, params, dataset inputs, metrics) and the trial's history, config and weights
+    go to mlruns/unsent for sweeps.resend, which creates the run under the study's parent
+    run and ends it FINISHED. Before, the trained trial was counted as failed and the run
+    never existed (seen by hand: 4 of 40 trials in a 47 s outage)."""
+    from mlflow.exceptions import MlflowException
+
+    from sweeps import resend
+
+    monkeypatch.chdir(tmp_path)
+    storage = str(tmp_path / "journal.log")
+    args = tiny_args(storage, mlflow_store, study="uncreated", rounds=[(3, "random")])
+    real_init, real_apply = StoreWriter.__init__, writer.Applier._apply
+    refused: list[str] = []
+
+    def init(self, *a, **k):  # the writer's requests made in this process, to fail one
+        real_init(self, *a, **k)
+        self.proc.kill()
+        self.proc.wait()
+        self._gone = True
+
+    def apply(self, op, args, kwargs):
+        if op == "create_run" and not refused:
+            refused.append(args[0])
+            raise MlflowException("API request to .../runs/create failed: Max retries exceeded")
+        return real_apply(self, op, args, kwargs)
+
+    monkeypatch.setattr(StoreWriter, "__init__", init)
+    monkeypatch.setattr(writer.Applier, "_apply", apply)
+    assert main(args) == 0
+    assert len(refused) == 1
+    trials = load_study(storage, "uncreated").trials
+    assert [S.outcome_of(t) for t in trials] == ["complete"] * 3
+    assert S.RUN_ID not in trials[0].user_attrs
+    kept = Path(trials[0].user_attrs[S.UNSENT])
+    assert kept.parent == (tmp_path / "mlruns" / "unsent").resolve()
+    client = MlflowClient(mlflow_store["uri"])
+
+    def trial_runs() -> dict[str, Any]:
+        return {
+            r.data.tags["trial_number"]: r
+            for r in mlflow_runs(mlflow_store, "uncreated")
+            if r.data.tags.get("sweeps.role") == "trial"
+        }
+
+    assert sorted(trial_runs()) == ["1", "2"]  # none for trial 0, yet
+    assert resend.main([str(kept)]) == 0
+    runs = trial_runs()
+    run = client.get_run(runs["0"].info.run_id)
+    other = client.get_run(runs["1"].info.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["trial_state"] == "COMPLETE"
+    assert run.data.tags["mlflow.parentRunId"] == other.data.tags["mlflow.parentRunId"]
+    assert run.data.tags["data_digest"] == other.data.tags["data_digest"]
+    assert run.data.params.keys() == other.data.params.keys()  # every one of them
+    assert run.data.metrics["val/acc"] == trials[0].value
+    history = client.get_metric_history(run.info.run_id, "val/acc")
+    assert [m.step for m in history] == list(range(1, 4))  # every epoch, once
+    assert len(run.inputs.dataset_inputs) == len(other.inputs.dataset_inputs) > 0
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "overrides.yaml", "history.csv", "model"} <= names
+    assert resend.main([str(kept)]) == 2  # sent already: nothing twice
 
 
 def test_duplicates_are_never_trained_and_an_exhausted_space_ends_the_round(tmp_path, mlflow_store):

@@ -8,6 +8,12 @@ reason a later ``sweeps.run`` may have set when it ended the run KILLED, and end
 FINISHED. ``unsent.json`` then becomes ``sent.json``: a second call sends nothing twice. A
 call that failed part way (the store went down again) can be made again: metrics the store
 has already are left out.
+
+A search trial whose run the store never created (its worker's writer process was refused
+``create_run``) kept everything: resend creates the run first (in its experiment, under its
+study's parent run, with its tags and name), then sends its params, dataset inputs,
+``config.yaml`` and ``overrides.yaml`` too. The new run's id is written into the kept file
+at once, so a call that fails after that sends to the same run.
 """
 
 from __future__ import annotations
@@ -38,11 +44,16 @@ def resend(folder: Path, tracking_uri: str | None = None) -> str:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot read {kept_file}: {e}") from None
     missing = [k for k in ("run_id", "tracking_uri", "metrics", "tags") if k not in kept]
+    if kept.get("run_id") is None and "create" not in kept:
+        missing.append("create")
     if missing:
         raise ValueError(f"{kept_file} lacks {', '.join(missing)}: not written by sweeps.run")
     uri = tracking_uri or kept["tracking_uri"]
     stores.check_reachable(uri, "MLflow tracking store")
     client = tracking.get_client(uri)
+    if kept.get("run_id") is None:
+        kept["run_id"] = _create(client, kept, folder)
+        kept_file.write_text(json.dumps(kept) + "\n")  # a second try sends to this run
     try:
         stored = client.get_run(kept["run_id"])
     except Exception as e:
@@ -52,6 +63,12 @@ def resend(folder: Path, tracking_uri: str | None = None) -> str:
         ) from None
     info = stored.info
     run = tracking.Run(client, info.run_id, info.artifact_uri)
+    if "create" in kept:  # what the run got before its creation failed, sent once it is
+        run.log_params(kept.get("params", {}))
+        _log_inputs(client, info.run_id, kept.get("inputs", []))
+        for name in ("config.yaml", "overrides.yaml"):
+            if (folder / name).is_file():
+                run.log_text((folder / name).read_text(), name)
     run.send_kept(kept)
     run.log_text((folder / "history.csv").read_text(), "history.csv")
     params = folder / "model" / "params.npz"
@@ -62,6 +79,37 @@ def resend(folder: Path, tracking_uri: str | None = None) -> str:
     run.end("FINISHED")
     os.replace(kept_file, folder / SENT)
     return info.run_id
+
+
+def _create(client, kept: dict, folder: Path) -> str:
+    """Create the run a search trial's store refused to create, as its worker asked."""
+    create = kept["create"]
+    try:
+        run = client.create_run(
+            create["experiment_id"],
+            start_time=create.get("start_time"),
+            tags=create.get("tags") or {},
+            run_name=create.get("run_name"),
+        )
+    except Exception as e:
+        raise stores.StoreError(
+            f"could not create the run kept in {folder} in experiment "
+            f"{create['experiment_id']}: {tracking.first_line(e)}"
+        ) from None
+    return run.info.run_id
+
+
+def _log_inputs(client, run_id: str, inputs: list[dict]) -> None:
+    """Log dataset inputs kept as MLflow's JSON (``tracking._requests_kept``)."""
+    if not inputs:
+        return
+    from google.protobuf.json_format import ParseDict
+    from mlflow.entities import DatasetInput
+    from mlflow.protos.service_pb2 import DatasetInput as DatasetInputProto
+
+    client.log_inputs(
+        run_id, [DatasetInput.from_proto(ParseDict(d, DatasetInputProto())) for d in inputs]
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

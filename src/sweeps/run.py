@@ -195,14 +195,27 @@ def execute(
             results = ", ".join(
                 f"{k} {v:.4f}" for k, v in (("val/acc", val_acc), *test.items()) if v is not None
             )
+            store = f"the MLflow tracking store at {stores.redact(m.tracking_uri)}"
+            if run.uncreated is not None:  # handed to a writer process, which the store refused
+                message = (
+                    f"{store} did not create the run ({tracking.first_line(run.lost)}); "
+                    f"training finished ({results}) and its config, history, weights and every "
+                    f"record of the run are in {kept}; python -m sweeps.resend {kept} creates "
+                    "the run and sends them"
+                )
+            else:
+                message = (
+                    f"{store} stopped answering during run {run.ref} "
+                    f"({tracking.first_line(run.lost)}); training finished ({results}) and its "
+                    f"config, history, weights and unsent metrics are in {kept}; the run is "
+                    "left RUNNING there (the next sweeps.run on this machine into this "
+                    "experiment ends it KILLED) until they are sent: "
+                    f"python -m sweeps.resend {kept}"
+                )
+            run_id = None if run.uncreated is not None else run.ref
             raise tracking.TrackingLost(
-                f"the MLflow tracking store at {stores.redact(m.tracking_uri)} stopped answering "
-                f"during run {run.ref} ({tracking.first_line(run.lost)}); training finished "
-                f"({results}) and its config, history, weights and unsent metrics are in "
-                f"{kept}; the run is left RUNNING there (the next sweeps.run on this "
-                "machine into this experiment ends it KILLED) until they are sent: "
-                f"python -m sweeps.resend {kept}",
-                Outcome(run.ref, history, val_acc, test, tracking.ui_command(m.tracking_uri)),
+                message,
+                Outcome(run_id, history, val_acc, test, tracking.ui_command(m.tracking_uri)),
                 kept,
             )
         run.log_text(tracking.history_csv(history), "history.csv")
@@ -232,7 +245,9 @@ def keep_unsent(
     try:
         folder = Path(HydraConfig.get().runtime.output_dir) / UNSENT
     except ValueError:  # not under Hydra (a direct call of execute)
-        folder = Path("mlruns") / UNSENT / run.ref
+        # a stand-in (a run never created) names its worker's pid, which comes back
+        name = run.ref if run.uncreated is None else f"{run.ref}-{time.time_ns()}"
+        folder = Path("mlruns") / UNSENT / name
     (folder / "model").mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text(tracking.config_yaml(resolved))
     (folder / "overrides.yaml").write_text(overrides_yaml(overrides))
@@ -242,7 +257,8 @@ def keep_unsent(
     db = stores.sqlite_path(uri)
     if db is not None and not db.is_absolute():  # resend may run from another folder
         uri = f"sqlite:///{db.resolve()}"
-    unsent = {"run_id": run.ref, "tracking_uri": uri, **run.unsent()}
+    run_id = run.ref if run.uncreated is None else None  # resend creates it
+    unsent = {"run_id": run_id, "tracking_uri": uri, **run.unsent()}
     (folder / "unsent.json").write_text(json.dumps(unsent) + "\n")
     return folder.resolve()
 

@@ -1898,7 +1898,7 @@ class Search:
             value = outcome.history.last(self.space.metric)
             if not math.isfinite(value):
                 raise ValueError(f"metric {self.space.metric} is {value}")
-        except TrackingLost as e:  # (trial_writes=inline) training finished, its store is gone
+        except TrackingLost as e:  # training finished; its store is gone, or never made its run
             if e.outcome is None or not math.isfinite(
                 value := e.outcome.history.last(self.space.metric)
             ):
@@ -1906,11 +1906,15 @@ class Search:
             # The value is the trial's own: Optuna gets it. Its MLflow records wait in
             # e.kept for sweeps.resend, which ends the run FINISHED (trial_state COMPLETE,
             # as kept); calling the store now would wait through its retries.
+            run = (
+                f"its MLflow run {e.outcome.run_id} is left RUNNING (the store does not answer)"
+                if e.outcome.run_id
+                else "the store did not create its MLflow run"
+            )
             log.warning(
-                "trial %d: complete, but its MLflow run %s is left RUNNING (the store does "
-                "not answer); its records are in %s: python -m sweeps.resend %s",
+                "trial %d: complete, but %s; its records are in %s: python -m sweeps.resend %s",
                 number,
-                e.outcome.run_id,
+                run,
                 e.kept,
                 e.kept,
             )

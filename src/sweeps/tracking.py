@@ -433,6 +433,33 @@ class Background:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _requests_kept(requests: Sequence[tuple[str, tuple, dict]]) -> dict[str, Any]:
+    """The records of a run its store never created, from the requests its worker handed
+    over for it (``writer.StoreWriter.refused``), as ``sweeps.resend`` takes them: how to
+    create it (``create``: experiment, start time, tags, name), its params, dataset inputs
+    (as MLflow's JSON), metric rows (key, value, ms, step) and tags."""
+    from google.protobuf.json_format import MessageToDict
+
+    kept: dict[str, Any] = {"metrics": [], "tags": {}, "params": {}, "inputs": []}
+    for op, args, _ in requests:
+        if op == "create_run":
+            _, experiment_id, start, tags, name = args
+            kept["create"] = {
+                "experiment_id": experiment_id,
+                "start_time": start,
+                "tags": tags,
+                "run_name": name,
+            }
+        elif op == "log_batch":
+            _, metrics, params, tags = args
+            kept["metrics"] += [(m.key, m.value, m.timestamp, m.step) for m in metrics]
+            kept["params"].update({p.key: p.value for p in params})
+            kept["tags"].update({t.key: t.value for t in tags})
+        elif op == "log_inputs":
+            kept["inputs"] += [MessageToDict(d.to_proto()) for d in args[1]]
+    return kept
+
+
 class Run:
     """An open MLflow run: thin helpers over MlflowClient for one run id.
 
@@ -456,6 +483,9 @@ class Run:
         self._given_up = False  # the store failed at the end, or ``online`` asked it again
         self._probed = 0.0  # when a lost server was last asked whether it is back
         self._resumed = False  # the store answers again: check what it kept before sending
+        #: a deferred run whose creation the store refused: the requests handed over for it
+        #: (``online`` learns it; ``unsent`` keeps them)
+        self.uncreated: list[tuple[str, tuple, dict]] | None = None
 
     @property
     def run_id(self) -> str:
@@ -631,7 +661,18 @@ class Run:
         if it answers, sending resumes; if not, False from then on. A tracking server is
         first asked its health check: one that does not answer it is not waited for through
         MLflow's retries (about 4 minutes by default); it has been lost since training, and
-        what it missed is kept for ``sweeps.resend``."""
+        what it missed is kept for ``sweeps.resend``. A run handed to a writer process is
+        first waited for: one the store did not create is not online either (its requests
+        go to ``uncreated``)."""
+        deferred = isinstance(self.client, writer.DeferredClient)
+        if deferred and self._run_id is None and self.lost is None and self.uncreated is None:
+            try:
+                self.run_id  # noqa: B018
+            except RuntimeError as e:  # its writer's store refused to create it
+                self.lost, self._given_up = e, True
+                self.uncreated = self.client.refused(self.ref)
+                log.warning("run %s: %s", self.ref, first_line(e))
+                return False
         if self.lost is None:
             return True
         if self._given_up:
@@ -671,8 +712,18 @@ class Run:
         """What is buffered and not sent (metrics as key, value, timestamp in ms, step;
         the queued tags), for keeping it elsewhere when the store is gone."""
         rows = self._metrics + self._held
+        tags = dict(self._tags)
+        kept: dict[str, Any] = {}
+        if self.uncreated is not None:  # everything handed over for it, first
+            kept = _requests_kept(self.uncreated)
+            rows = kept.pop("metrics") + rows
+            tags = {**kept.pop("tags"), **tags}
         keys = ("key", "value", "timestamp", "step")
-        return {"metrics": [dict(zip(keys, m, strict=True)) for m in rows], "tags": self._tags}
+        return {
+            "metrics": [dict(zip(keys, m, strict=True)) for m in rows],
+            "tags": tags,
+            **kept,
+        }
 
     def send_kept(self, kept: Mapping[str, Any]) -> None:
         """Send what ``unsent`` returned (its metrics with their own steps and timestamps,
@@ -857,7 +908,9 @@ def open_run(
         run.wait_background()
         run.check_background()
     except BaseException as e:
-        if run is not None and run.lost is not None:  # each store call would wait minutes
+        if run is not None and run.uncreated is not None:  # no run to end: its records kept
+            run.cancel_background()
+        elif run is not None and run.lost is not None:  # each store call would wait minutes
             run.cancel_background()
             e.add_note(LEFT_RUNNING)
             log.warning(

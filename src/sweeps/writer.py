@@ -189,6 +189,8 @@ class StoreWriter:
         self._local_runs: set[str] = set()  # runs with a request made here: all are
         self._created: dict[str, tuple[str, str]] = {}  # token -> (run id, artifact URI)
         self._create_errors: dict[str, str] = {}  # token -> why its run was not created
+        self._refused: dict[str, list[tuple[str, tuple, dict]]] = {}  # a run never created:
+        # token -> its requests, for ``refused``
         self._tokens = 0
         self.seconds = 0.0  # the helper's time in the store, summed over its requests
         if wait_ready:
@@ -230,6 +232,13 @@ class StoreWriter:
             return self._created[token]
         error = self._create_errors.get(token, "its request was never answered")
         raise RuntimeError(f"could not create the MLflow run: {error}")
+
+    def refused(self, token: str) -> list[tuple[str, tuple, dict]]:
+        """The requests (op, args, kwargs) made for ``token``'s run, whose creation the store
+        refused, once every request sent so far is answered (those of a run that was never
+        created fail at once, without the store); forgotten here."""
+        self.drain()
+        return self._refused.pop(token, [])
 
     def call(self, op: str, *args: Any, **kwargs: Any) -> None:
         """Have the store make ``op(*args, **kwargs)`` (see ``Applier.apply``)."""
@@ -295,9 +304,9 @@ class StoreWriter:
                 if seq == 0:
                     self._ready = True
                     continue
-                op, args, _ = self._pending.pop(seq)
+                op, args, kwargs = self._pending.pop(seq)
                 self.seconds += seconds
-                self._answered(op, args[0], error, result)
+                self._answered(op, args, kwargs, error, result)
                 if not self._pending:
                     return
         except (EOFError, OSError):
@@ -326,9 +335,12 @@ class StoreWriter:
 
             self._here = Applier(get_client(self.tracking_uri), self._created)
         error, result = self._here.apply(op, args, kwargs)
-        self._answered(op, args[0], error, result)
+        self._answered(op, args, kwargs, error, result)
 
-    def _answered(self, op: str, ref: str, error: str | None, result: Any) -> None:
+    def _answered(
+        self, op: str, args: tuple, kwargs: Mapping[str, Any], error: str | None, result: Any
+    ) -> None:
+        ref = args[0]
         if op == "create_run":
             if result is not None:
                 self._created[ref] = tuple(result)  # type: ignore[assignment]
@@ -337,6 +349,9 @@ class StoreWriter:
         elif op == "set_terminated":  # the run's last request: forget its token
             self._created.pop(ref, None)
             self._create_errors.pop(ref, None)
+            self._refused.pop(ref, None)
+        if error is not None and ref in self._create_errors:  # its run never was: kept
+            self._refused.setdefault(ref, []).append((op, args, dict(kwargs)))
         if error is not None:
             log.warning("MLflow run %s: the store refused %s", ref, error)
 
@@ -362,6 +377,9 @@ class DeferredClient:
 
     def created_run(self, token: str) -> tuple[str, str]:
         return self._writer.created(token)
+
+    def refused(self, token: str) -> list[tuple[str, tuple, dict]]:
+        return self._writer.refused(token)
 
     def log_texts(self, run_id, texts: Mapping[str, str], artifact_uri: str | None) -> None:
         """Upload text artifacts ({path: text}) to the run: by the writer, which knows the
