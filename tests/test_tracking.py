@@ -799,8 +799,12 @@ def test_ctrl_c_while_the_store_is_lost_leaves_the_run_running_without_waiting_f
         (None, "holds no unsent.json: not a folder sweeps.run kept a run in"),
         ("{not json", "cannot read"),
         ('{"run_id": "x"}', "lacks tracking_uri, metrics, tags: not written by sweeps.run"),
+        (
+            '{"run_id": null, "tracking_uri": "u", "metrics": [], "tags": {}}',
+            "lacks create: not written by sweeps.run",  # no run, and nothing to create it
+        ),
     ],
-    ids=["no file", "not json", "not ours"],
+    ids=["no file", "not json", "not ours", "no run to send to"],
 )
 def test_resend_refuses_a_folder_it_cannot_send_before_touching_a_store(
     tmp_path, monkeypatch, capsys, content, expected
