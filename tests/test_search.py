@@ -797,6 +797,65 @@ def test_a_trial_whose_writer_could_not_create_its_run_is_complete_and_kept_for_
     assert resend.main([str(kept)]) == 2  # sent already: nothing twice
 
 
+def test_writes_the_store_refused_for_a_created_run_are_kept_for_resend(
+    tmp_path, mlflow_store, monkeypatch, capsys
+):
+    """trial_writes=process: the store created the first trial's run, then refused its
+    metrics and its end (an outage that began mid-trial). The trial is COMPLETE; its writer
+    keeps what was refused in mlruns/unsent/<run id>; the launcher's reconcile ends the run
+    KILLED naming that folder, and the study's end names it too; resend sends the metrics
+    and ends the run as its worker meant to (FINISHED)."""
+    from mlflow.exceptions import MlflowException
+
+    from sweeps import resend
+
+    monkeypatch.chdir(tmp_path)
+    storage = str(tmp_path / "journal.log")
+    args = tiny_args(storage, mlflow_store, study="partial", rounds=[(3, "random")])
+    real_init, real_apply = StoreWriter.__init__, writer.Applier._apply
+    first: list[str] = []
+    refused: list[str] = []
+
+    def init(self, *a, **k):  # the writer's requests made in this process, to fail some
+        real_init(self, *a, **k)
+        self.proc.kill()
+        self.proc.wait()
+        self._gone = True
+
+    def apply(self, op, args, kwargs):
+        if op == "create_run" and not first:
+            first.append(args[0])
+        failing = (op == "log_batch" and args[1]) or op == "set_terminated"
+        if first and args[0] == first[0] and failing:
+            refused.append(op)
+            raise MlflowException("API request to ... failed: Max retries exceeded")
+        return real_apply(self, op, args, kwargs)
+
+    monkeypatch.setattr(StoreWriter, "__init__", init)
+    monkeypatch.setattr(writer.Applier, "_apply", apply)
+    assert main(args) == 0
+    assert refused[-1] == "set_terminated" and "log_batch" in refused
+    trials = load_study(storage, "partial").trials
+    assert [S.outcome_of(t) for t in trials] == ["complete"] * 3
+    run_id = trials[0].user_attrs[S.RUN_ID]
+    kept = (tmp_path / "mlruns" / "unsent" / run_id).resolve()
+    assert (kept / "unsent.json").is_file()
+    assert "hold MLflow records a store refused" in capsys.readouterr().out
+    client = MlflowClient(mlflow_store["uri"])
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED"  # by the launcher's reconcile, at once
+    assert f"python -m sweeps.resend {kept}" in run.data.tags["sweeps.failure"]
+    assert "val/acc" not in run.data.metrics  # the refused batch
+
+    assert resend.main([str(kept)]) == 0
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and "sweeps.failure" not in run.data.tags
+    assert run.data.tags["trial_state"] == "COMPLETE"
+    assert run.data.metrics["val/acc"] == trials[0].value
+    history = client.get_metric_history(run_id, "val/acc")
+    assert [m.step for m in history] == list(range(1, 4))
+
+
 def test_duplicates_are_never_trained_and_an_exhausted_space_ends_the_round(tmp_path, mlflow_store):
     _register(
         "grid_case",

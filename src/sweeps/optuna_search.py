@@ -467,6 +467,21 @@ def evaluate_best(search: S.Search, report: S.Report, parent: str | None) -> Bes
     return BestSeeds(best.number, best.value, search.space.metric, [records[str(s)] for s in seeds])
 
 
+def _print_kept() -> None:
+    """Name the folders of MLflow records a store refused that are not sent yet (a trial's,
+    kept by its worker's writer process or by the trial itself), if any."""
+    from sweeps import writer
+
+    kept = sorted(f.parent.resolve() for f in Path(writer.UNSENT_ROOT).glob("*/unsent.json"))
+    if kept:
+        print(
+            f"{len(kept)} folder(s) in {Path(writer.UNSENT_ROOT).resolve()} hold MLflow records "
+            "a store refused; once it answers, send each with python -m sweeps.resend "
+            f"<folder> (the first: {kept[0]})",
+            flush=True,
+        )
+
+
 def compare_command(search: S.Search) -> str:
     """The ``sweeps.compare`` command that reads the best configuration's seed runs back."""
     m = search.cfg.mlflow
@@ -610,6 +625,8 @@ def study_main(search: S.Search, argv: Sequence[str], start: float, resumed: boo
         search.reconcile_runs()
         report = search.report()
     print("\n" + report.text(cfg.report_top), flush=True)
+    if search.tracking:
+        _print_kept()
     best_test = None
     if code == 0 and report.complete and cfg.evaluate_best and report.best is not None:
         try:

@@ -9,11 +9,12 @@ FINISHED. ``unsent.json`` then becomes ``sent.json``: a second call sends nothin
 call that failed part way (the store went down again) can be made again: metrics the store
 has already are left out.
 
-A search trial whose run the store never created (its worker's writer process was refused
-``create_run``) kept everything: resend creates the run first (in its experiment, under its
-study's parent run, with its tags and name), then sends its params, dataset inputs,
-``config.yaml`` and ``overrides.yaml`` too. The new run's id is written into the kept file
-at once, so a call that fails after that sends to the same run.
+A search worker's writer process keeps what the store refused of a trial's run the same
+way (``writer.UNSENT_ROOT``), with the params, dataset inputs and text artifacts among it,
+and the status the run was to end with. For a run the store never created, everything was
+kept: resend creates the run first (in its experiment, under its study's parent run, with
+its tags and name) and writes the new run's id into the kept file at once, so a call that
+fails after that sends to the same run.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from sweeps import stores, tracking
 UNSENT, SENT = "unsent.json", "sent.json"
 
 
-def resend(folder: Path, tracking_uri: str | None = None) -> str:
-    """Send ``folder``'s kept records to their run and end it FINISHED; returns the run id.
+def resend(folder: Path, tracking_uri: str | None = None) -> tuple[str, str]:
+    """Send ``folder``'s kept records to their run and end it (FINISHED, or the status its
+    worker was to end it with); returns the run id and that status.
     ValueError for a folder that holds no kept run; StoreError for a store that does not
     answer (nothing is sent then)."""
     kept_file = folder / UNSENT
@@ -63,22 +65,24 @@ def resend(folder: Path, tracking_uri: str | None = None) -> str:
         ) from None
     info = stored.info
     run = tracking.Run(client, info.run_id, info.artifact_uri)
-    if "create" in kept:  # what the run got before its creation failed, sent once it is
-        run.log_params(kept.get("params", {}))
-        _log_inputs(client, info.run_id, kept.get("inputs", []))
-        for name in ("config.yaml", "overrides.yaml"):
-            if (folder / name).is_file():
-                run.log_text((folder / name).read_text(), name)
+    # what its writer process handed over and the store refused (a search trial's)
+    if kept.get("params"):
+        run.log_params(kept["params"])
+    _log_inputs(client, info.run_id, kept.get("inputs", []))
+    if kept.get("texts"):
+        run.log_texts(kept["texts"])
     run.send_kept(kept)
-    run.log_text((folder / "history.csv").read_text(), "history.csv")
+    if (folder / "history.csv").is_file():  # sweeps.run's keep_unsent (not a writer's)
+        run.log_text((folder / "history.csv").read_text(), "history.csv")
     params = folder / "model" / "params.npz"
     if params.is_file():
         run.log_bytes(params.read_bytes(), "model/params.npz")
     if tracking.FAILURE_TAG in stored.data.tags:
         client.delete_tag(info.run_id, tracking.FAILURE_TAG)  # "its process died": it did not
-    run.end("FINISHED")
+    status = kept.get("status") or "FINISHED"
+    run.end(status)
     os.replace(kept_file, folder / SENT)
-    return info.run_id
+    return info.run_id, status
 
 
 def _create(client, kept: dict, folder: Path) -> str:
@@ -100,7 +104,7 @@ def _create(client, kept: dict, folder: Path) -> str:
 
 
 def _log_inputs(client, run_id: str, inputs: list[dict]) -> None:
-    """Log dataset inputs kept as MLflow's JSON (``tracking._requests_kept``)."""
+    """Log dataset inputs kept as MLflow's JSON (``tracking.requests_kept``)."""
     if not inputs:
         return
     from google.protobuf.json_format import ParseDict
@@ -122,11 +126,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        run_id = resend(args.folder, args.tracking_uri)
+        run_id, status = resend(args.folder, args.tracking_uri)
     except (ValueError, stores.StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"sent {args.folder} to run {run_id}, now FINISHED")
+    print(f"sent {args.folder} to run {run_id}, now {status}")
     return 0
 
 

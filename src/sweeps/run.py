@@ -253,10 +253,7 @@ def keep_unsent(
     (folder / "overrides.yaml").write_text(overrides_yaml(overrides))
     (folder / "history.csv").write_text(tracking.history_csv(history))
     np.savez(folder / "model" / "params.npz", allow_pickle=False, **model.state_dict())
-    uri = run.client.tracking_uri
-    db = stores.sqlite_path(uri)
-    if db is not None and not db.is_absolute():  # resend may run from another folder
-        uri = f"sqlite:///{db.resolve()}"
+    uri = tracking.portable_uri(run.client.tracking_uri)  # resend may run from elsewhere
     run_id = run.ref if run.uncreated is None else None  # resend creates it
     unsent = {"run_id": run_id, "tracking_uri": uri, **run.unsent()}
     (folder / "unsent.json").write_text(json.dumps(unsent) + "\n")

@@ -1449,7 +1449,10 @@ class Search:
             elif (
                 number is None
                 or states.get(int(number)) in (TrialState.RUNNING, None)
-                or _end_on_its_way(by_number[int(number)])
+                or (
+                    _end_on_its_way(by_number[int(number)])
+                    and _kept_writes(run.info.run_id) is None  # its end, refused, is kept
+                )
             ):
                 continue
             else:
@@ -1460,6 +1463,12 @@ class Search:
                 reason = (
                     f"its store did not answer at its end; its records are kept in {unsent} "
                     f"(python -m sweeps.resend {unsent} sends them and ends it FINISHED)"
+                )
+            elif (kept := _kept_writes(run.info.run_id)) is not None:
+                reason = (
+                    f"its trial ended ({state}, in the Optuna study) and the store refused some "
+                    f"of its run's writes, kept in {kept} (python -m sweeps.resend {kept} "
+                    "sends them and ends the run)"
                 )
             elif attrs.get(OUTCOME) in TOLD:
                 reason = (
@@ -2089,6 +2098,15 @@ def record_gone(record: dict[str, Any]) -> bool:
         record.get("pid_start", ""),
         record.get("machine", ""),
     )
+
+
+def _kept_writes(run_id: str) -> Path | None:
+    """The folder where this machine's worker kept the writes the store refused for run
+    ``run_id`` (``writer.StoreWriter._keep``), if there is one not yet sent."""
+    from sweeps import writer
+
+    folder = Path(writer.UNSENT_ROOT) / run_id
+    return folder.resolve() if (folder / "unsent.json").is_file() else None
 
 
 def _end_on_its_way(trial) -> bool:

@@ -433,14 +433,22 @@ class Background:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _requests_kept(requests: Sequence[tuple[str, tuple, dict]]) -> dict[str, Any]:
-    """The records of a run its store never created, from the requests its worker handed
-    over for it (``writer.StoreWriter.refused``), as ``sweeps.resend`` takes them: how to
-    create it (``create``: experiment, start time, tags, name), its params, dataset inputs
-    (as MLflow's JSON), metric rows (key, value, ms, step) and tags."""
+def portable_uri(uri: str) -> str:
+    """``uri`` with a relative SQLite path made absolute: a kept folder is resent from
+    anywhere."""
+    db = stores.sqlite_path(uri)
+    return f"sqlite:///{db.resolve()}" if db is not None and not db.is_absolute() else uri
+
+
+def requests_kept(requests: Sequence[tuple[str, tuple, dict]]) -> dict[str, Any]:
+    """What the store refused of a run's requests, handed over to a writer process (its
+    creation included, for a run it never created: ``writer.StoreWriter.refused``), as
+    ``sweeps.resend`` takes them: how to create it (``create``: experiment, start time,
+    tags, name), its params, dataset inputs (as MLflow's JSON), metric rows (key, value,
+    ms, step), tags, text artifacts and the status it was to end with."""
     from google.protobuf.json_format import MessageToDict
 
-    kept: dict[str, Any] = {"metrics": [], "tags": {}, "params": {}, "inputs": []}
+    kept: dict[str, Any] = {"metrics": [], "tags": {}, "params": {}, "inputs": [], "texts": {}}
     for op, args, _ in requests:
         if op == "create_run":
             _, experiment_id, start, tags, name = args
@@ -457,6 +465,10 @@ def _requests_kept(requests: Sequence[tuple[str, tuple, dict]]) -> dict[str, Any
             kept["tags"].update({t.key: t.value for t in tags})
         elif op == "log_inputs":
             kept["inputs"] += [MessageToDict(d.to_proto()) for d in args[1]]
+        elif op == "log_texts":
+            kept["texts"].update(args[1])
+        elif op == "set_terminated":
+            kept["status"] = args[1]
     return kept
 
 
@@ -715,7 +727,7 @@ class Run:
         tags = dict(self._tags)
         kept: dict[str, Any] = {}
         if self.uncreated is not None:  # everything handed over for it, first
-            kept = _requests_kept(self.uncreated)
+            kept = requests_kept(self.uncreated)
             rows = kept.pop("metrics") + rows
             tags = {**kept.pop("tags"), **tags}
         keys = ("key", "value", "timestamp", "step")

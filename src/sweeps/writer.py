@@ -29,6 +29,7 @@ itself: a run whose worker died before ending it stays RUNNING until
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -46,6 +47,8 @@ from sweeps import stores
 
 log = logging.getLogger(__name__)
 
+#: where a worker keeps the writes the store refused for a run it created (``_keep``)
+UNSENT_ROOT = "mlruns/unsent"
 FAILURE_TAG = "sweeps.failure"  # why a run ended FAILED (tracking.FAILURE_TAG is this one)
 CLOSE_TIMEOUT = 600.0  # seconds a closing worker waits for its helper's last writes
 WAIT_READY = False  # deferred_writes waits for its helper to start (tests set it)
@@ -346,14 +349,47 @@ class StoreWriter:
                 self._created[ref] = tuple(result)  # type: ignore[assignment]
             else:
                 self._create_errors[ref] = error or "no answer"
-        elif op == "set_terminated":  # the run's last request: forget its token
-            self._created.pop(ref, None)
-            self._create_errors.pop(ref, None)
-            self._refused.pop(ref, None)
-        if error is not None and ref in self._create_errors:  # its run never was: kept
-            self._refused.setdefault(ref, []).append((op, args, dict(kwargs)))
         if error is not None:
             log.warning("MLflow run %s: the store refused %s", ref, error)
+            if ref in self._created or ref in self._create_errors:  # kept for sweeps.resend
+                self._refused.setdefault(ref, []).append((op, args, dict(kwargs)))
+        if op == "set_terminated":  # the run's last request: forget its token
+            created = self._created.pop(ref, None)
+            self._create_errors.pop(ref, None)
+            refused = self._refused.pop(ref, None)
+            if refused and created is not None:
+                self._keep(created[0], refused)
+
+    def _keep(self, run_id: str, refused: list[tuple[str, tuple, dict]]) -> None:
+        """Write the requests the store refused for a run it created (its trial went on:
+        the writes are not waited for) to ``mlruns/unsent/<run id>``, for ``sweeps.resend``
+        (and ``Search.reconcile_runs``, which names the folder)."""
+        from sweeps import tracking
+
+        folder = Path(UNSENT_ROOT) / run_id
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            kept = {
+                "run_id": run_id,
+                "tracking_uri": tracking.portable_uri(self.tracking_uri),
+                **tracking.requests_kept(refused),
+            }
+            kept["metrics"] = [
+                dict(zip(("key", "value", "timestamp", "step"), m, strict=True))
+                for m in kept["metrics"]
+            ]
+            (folder / "unsent.json").write_text(json.dumps(kept) + "\n")
+        except OSError as e:
+            log.warning("MLflow run %s: could not keep its refused writes: %s", run_id, e)
+            return
+        log.warning(
+            "MLflow run %s: the store refused %d of its writes; they are kept in %s: "
+            "python -m sweeps.resend %s",
+            run_id,
+            len(refused),
+            folder.resolve(),
+            folder.resolve(),
+        )
 
 
 class DeferredClient:
