@@ -729,6 +729,22 @@ def test_an_inline_trial_whose_store_fails_at_its_end_is_complete_and_kept_for_r
     assert run.data.metrics["val/acc"] == trials[0].value
 
 
+def _writes_in_this_process(monkeypatch, apply) -> None:
+    """trial_writes=process with the writer's requests made in this process (its helper
+    stopped at once, as if it had died), through ``apply`` (``Applier._apply``'s stand-in:
+    it can fail some)."""
+    real_init = StoreWriter.__init__
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        self.proc.kill()
+        self.proc.wait()
+        self._gone = True
+
+    monkeypatch.setattr(StoreWriter, "__init__", init)
+    monkeypatch.setattr(writer.Applier, "_apply", apply)
+
+
 def test_a_trial_whose_writer_could_not_create_its_run_is_complete_and_kept_for_resend(
     tmp_path, mlflow_store, monkeypatch
 ):
@@ -746,14 +762,8 @@ def test_a_trial_whose_writer_could_not_create_its_run_is_complete_and_kept_for_
     monkeypatch.chdir(tmp_path)
     storage = str(tmp_path / "journal.log")
     args = tiny_args(storage, mlflow_store, study="uncreated", rounds=[(3, "random")])
-    real_init, real_apply = StoreWriter.__init__, writer.Applier._apply
+    real_apply = writer.Applier._apply
     refused: list[str] = []
-
-    def init(self, *a, **k):  # the writer's requests made in this process, to fail one
-        real_init(self, *a, **k)
-        self.proc.kill()
-        self.proc.wait()
-        self._gone = True
 
     def apply(self, op, args, kwargs):
         if op == "create_run" and not refused:
@@ -761,8 +771,7 @@ def test_a_trial_whose_writer_could_not_create_its_run_is_complete_and_kept_for_
             raise MlflowException("API request to .../runs/create failed: Max retries exceeded")
         return real_apply(self, op, args, kwargs)
 
-    monkeypatch.setattr(StoreWriter, "__init__", init)
-    monkeypatch.setattr(writer.Applier, "_apply", apply)
+    _writes_in_this_process(monkeypatch, apply)
     assert main(args) == 0
     assert len(refused) == 1
     trials = load_study(storage, "uncreated").trials
@@ -812,15 +821,9 @@ def test_writes_the_store_refused_for_a_created_run_are_kept_for_resend(
     monkeypatch.chdir(tmp_path)
     storage = str(tmp_path / "journal.log")
     args = tiny_args(storage, mlflow_store, study="partial", rounds=[(3, "random")])
-    real_init, real_apply = StoreWriter.__init__, writer.Applier._apply
+    real_apply = writer.Applier._apply
     first: list[str] = []
     refused: list[str] = []
-
-    def init(self, *a, **k):  # the writer's requests made in this process, to fail some
-        real_init(self, *a, **k)
-        self.proc.kill()
-        self.proc.wait()
-        self._gone = True
 
     def apply(self, op, args, kwargs):
         if op == "create_run" and not first:
@@ -831,8 +834,7 @@ def test_writes_the_store_refused_for_a_created_run_are_kept_for_resend(
             raise MlflowException("API request to ... failed: Max retries exceeded")
         return real_apply(self, op, args, kwargs)
 
-    monkeypatch.setattr(StoreWriter, "__init__", init)
-    monkeypatch.setattr(writer.Applier, "_apply", apply)
+    _writes_in_this_process(monkeypatch, apply)
     assert main(args) == 0
     assert refused[-1] == "set_terminated" and "log_batch" in refused
     trials = load_study(storage, "partial").trials
