@@ -4,12 +4,14 @@ neither stopped by a Ctrl-C nor ending runs its worker left open."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -19,9 +21,11 @@ from sweeps import tracking, writer
 
 
 @pytest.fixture(autouse=True)
-def _helper_ready(monkeypatch):
-    """deferred_writes waits for its helper to start, so requests go to it."""
+def _helper_ready(monkeypatch, tmp_path):
+    """deferred_writes waits for its helper to start, so requests go to it; the writes a
+    store refuses are kept under this test's folder (``writer.UNSENT_ROOT``)."""
     monkeypatch.setattr(writer, "WAIT_READY", True)
+    monkeypatch.chdir(tmp_path)
 
 
 def _open(store, **kw):
@@ -182,6 +186,9 @@ def test_a_store_error_in_the_helper_ends_the_run_failed_with_the_reason(mlflow_
     assert r.info.status == "FAILED"
     reason = r.data.tags[tracking.FAILURE_TAG]
     assert reason.startswith("could not record it: log_batch:") and "lr" in reason
+    kept = Path(writer.UNSENT_ROOT).resolve() / run.run_id
+    assert f"what the store refused is kept in {kept}" in reason
+    assert json.loads((kept / "unsent.json").read_text())["params"] == {"lr": "0.2"}
     assert [m.value for m in client.get_metric_history(run.run_id, "m")] == [1.0]
     assert "the store refused log_batch" in caplog.text
 
@@ -319,3 +326,47 @@ def test_the_writer_waits_for_a_database_store_that_restarts(monkeypatch):
     applier = writer.Applier(client)
     assert applier.apply("set_terminated", ("r1", "FINISHED", 1), {}) == (None, None)
     assert client.tags == [("r1", "FINISHED")] and applier.failed == {}
+
+
+def test_a_tracking_server_that_fails_its_health_check_is_not_waited_for(monkeypatch):
+    """A writer asks a tracking server's health check (at most every HEALTH_SECONDS, and
+    after a failed request) before its requests: while it fails, requests fail at once,
+    without MLflow's minutes of retries; once it answers, they are made again."""
+    from sweeps import stores
+
+    health = {"up": True}
+    checks: list[bool] = []
+
+    def check(uri, what, timeout):
+        checks.append(health["up"])
+        if not health["up"]:
+            raise stores.StoreError(f"the {what} at {uri} does not answer")
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(stores, "check_reachable", check)
+    monkeypatch.setattr(writer.time, "monotonic", lambda: clock["now"])
+
+    class Client:
+        tracking_uri = "http://127.0.0.1:5999"
+
+        def __init__(self) -> None:
+            self.made: list[str] = []
+
+        def set_terminated(self, run_id, status, end_time):
+            self.made.append(run_id)
+
+    client = Client()
+    applier = writer.Applier(client)
+    assert applier.apply("set_terminated", ("r1", "FINISHED", 1), {}) == (None, None)
+    assert applier.apply("set_terminated", ("r2", "FINISHED", 1), {}) == (None, None)
+    assert checks == [True]  # once in HEALTH_SECONDS while it answers
+    health["up"] = False
+    clock["now"] += writer.HEALTH_SECONDS
+    error, _ = applier.apply("set_terminated", ("r3", "FINISHED", 1), {})
+    assert error is not None and "does not answer" in error
+    error, _ = applier.apply("set_terminated", ("r4", "FINISHED", 1), {})
+    assert error is not None and "does not answer" in error  # asked again: failed before
+    assert client.made == ["r1", "r2"] and checks == [True, False, False]
+    health["up"] = True
+    assert applier.apply("set_terminated", ("r5", "FINISHED", 1), {}) == (None, None)
+    assert client.made == ["r1", "r2", "r5"]

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -93,27 +94,59 @@ def _duplicate_key(e: Exception) -> bool:
     return any(w in text for w in ("unique constraint", "uniqueviolation", "duplicate entry"))
 
 
+#: seconds between two health checks of a tracking server by a writer (``Applier``)
+HEALTH_SECONDS = 5.0
+
+
 class Applier:
     """Makes deferred requests on a client, remembering the runs it created (by their
-    ``TOKEN``) and the runs a request failed for."""
+    ``TOKEN``) and the runs a request failed for.
+
+    A tracking server is first asked its health check (2 s at most; again after
+    ``HEALTH_SECONDS``, or after a request failed): while it does not answer, requests
+    fail at once instead of each waiting through MLflow's retries (about 4 minutes by
+    default), and the worker keeps them for ``sweeps.resend`` (``StoreWriter._keep``)."""
 
     def __init__(self, client, created: dict[str, tuple[str, str]] | None = None) -> None:
         self.client = client
         self.created = {} if created is None else created  # token -> (run id, artifact uri)
         self.failed: dict[str, str] = {}  # run id or token -> its first failed request
+        uri = getattr(client, "tracking_uri", "")
+        self._server = uri if stores.scheme(uri) in stores.SERVERS else None
+        self._checked = -math.inf  # when the server's health was last asked
+        self._down: stores.StoreError | None = None  # what it answered then
 
     def apply(self, op: str, args: tuple, kwargs: Mapping[str, Any]) -> tuple[str | None, Any]:
         """Make one request: (its error as text or None, its result: the (run id, artifact
         URI) of a run created, else None). ``args[0]`` names the run: its id or its token."""
         ref = args[0]
         try:
+            down = self._server_down()
+            if down is not None:
+                raise down
             # made again while a database store restarts (``stores.retrying``; MLflow's
             # client retries a tracking server's requests itself)
             return None, stores.retrying(self._apply, "MLflow tracking store", op, args, kwargs)
         except Exception as e:
+            self._checked = -math.inf  # ask the server's health before the next request
             error = f"{op}: {type(e).__name__}: {e}"
             self.failed.setdefault(ref, error)
             return error, None
+
+    def _server_down(self) -> stores.StoreError | None:
+        """A tracking server's health check error, or None (and None for other stores):
+        asked at most every ``HEALTH_SECONDS``, and after a failed request."""
+        if self._server is None:
+            return None
+        now = time.monotonic()
+        if now - self._checked >= HEALTH_SECONDS:
+            self._checked = now
+            try:
+                stores.check_reachable(self._server, "MLflow tracking store", timeout=2.0)
+                self._down = None
+            except stores.StoreError as e:
+                self._down = e
+        return self._down
 
     def _apply(self, op: str, args: tuple, kwargs: Mapping[str, Any]) -> Any:
         """Make one request; its result (see ``apply``). Raises its error."""
@@ -131,7 +164,10 @@ class Applier:
         elif op == "set_terminated":
             status, end_time = args[1], args[2]
             if status == "FINISHED" and ref in self.failed:
-                reason = f"could not record it: {self.failed[ref]}"
+                reason = (
+                    f"could not record it: {self.failed[ref]}; what the store refused is kept "
+                    f"in {Path(UNSENT_ROOT).resolve() / run_id} (python -m sweeps.resend)"
+                )
                 self.client.set_tag(run_id, FAILURE_TAG, reason[:5000])
                 status = "FAILED"
             self.client.set_terminated(run_id, status=status, end_time=end_time)
