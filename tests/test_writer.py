@@ -188,7 +188,8 @@ def test_a_store_error_in_the_helper_ends_the_run_failed_with_the_reason(mlflow_
     assert reason.startswith("could not record it: log_batch:") and "lr" in reason
     kept = Path(writer.UNSENT_ROOT).resolve() / run.run_id
     assert f"what the store refused is kept in {kept}" in reason
-    assert json.loads((kept / "unsent.json").read_text())["params"] == {"lr": "0.2"}
+    kept_json = json.loads((kept / "unsent.json").read_text())
+    assert kept_json["params"] == {"lr": "0.2"} and kept_json["status"] == "FINISHED"
     assert [m.value for m in client.get_metric_history(run.run_id, "m")] == [1.0]
     assert "the store refused log_batch" in caplog.text
 

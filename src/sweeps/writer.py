@@ -394,12 +394,13 @@ class StoreWriter:
             self._create_errors.pop(ref, None)
             refused = self._refused.pop(ref, None)
             if refused and created is not None:
-                self._keep(created[0], refused)
+                self._keep(created[0], refused, status=args[1])
 
-    def _keep(self, run_id: str, refused: list[tuple[str, tuple, dict]]) -> None:
+    def _keep(self, run_id: str, refused: list[tuple[str, tuple, dict]], status: str) -> None:
         """Write the requests the store refused for a run it created (its trial went on:
-        the writes are not waited for) to ``mlruns/unsent/<run id>``, for ``sweeps.resend``
-        (and ``Search.reconcile_runs``, which names the folder)."""
+        the writes are not waited for) to ``mlruns/unsent/<run id>``, with the ``status``
+        its worker ended it with, for ``sweeps.resend`` (and ``Search.reconcile_runs``,
+        which names the folder)."""
         from sweeps import tracking
 
         folder = Path(UNSENT_ROOT) / run_id
@@ -409,6 +410,7 @@ class StoreWriter:
                 "run_id": run_id,
                 "tracking_uri": tracking.portable_uri(self.tracking_uri),
                 **tracking.requests_kept(refused),
+                "status": status,  # the worker's, not FAILED for the writes refused
             }
             kept["metrics"] = [
                 dict(zip(("key", "value", "timestamp", "step"), m, strict=True))
