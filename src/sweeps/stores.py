@@ -96,7 +96,7 @@ def check_run_store(tracking_uri: str, artifact_root: str) -> None:
     """What a command that records runs checks first: its store (``check_reachable``) and,
     for a local store, its artifact folder (a tracking server keeps artifacts its own way)."""
     check_reachable(tracking_uri, "MLflow tracking store")
-    if scheme(tracking_uri) not in SERVERS:
+    if not is_server(tracking_uri):
         check_artifact_root(artifact_root)
 
 
@@ -119,6 +119,21 @@ def check_reachable(
             check_file(db, where)
     elif kind in DATABASES:
         _check_database(uri, where, timeout)
+
+
+def is_server(uri: str) -> bool:
+    """Whether ``uri`` names an MLflow tracking server (not a database or a folder)."""
+    return scheme(uri) in SERVERS
+
+
+def server_down(uri: str, timeout: float = 2.0) -> StoreError | None:
+    """The error of a tracking server's health check (``timeout`` seconds at most, without
+    MLflow's minutes of retries), or None when it answers."""
+    try:
+        check_reachable(uri, "MLflow tracking store", timeout=timeout)
+    except StoreError as e:
+        return e
+    return None
 
 
 def check_file(path: Path, where: str) -> None:

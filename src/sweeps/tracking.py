@@ -628,18 +628,12 @@ class Run:
         """Whether this run writes to a tracking server itself (its health check can be
         asked): not a database store, nor a search worker's deferred writes."""
         uri = getattr(self.client, "tracking_uri", "")
-        return not isinstance(self.client, writer.DeferredClient) and (
-            stores.scheme(uri) in stores.SERVERS
-        )
+        return not isinstance(self.client, writer.DeferredClient) and stores.is_server(uri)
 
     def _server_down(self) -> stores.StoreError | None:
         """The error of the tracking server's health check (2 s at most, without MLflow's
         minutes of retries), or None when it answers."""
-        try:
-            stores.check_reachable(self.client.tracking_uri, "MLflow tracking store", timeout=2.0)
-        except stores.StoreError as e:
-            return e
-        return None
+        return stores.server_down(self.client.tracking_uri)
 
     def _answers(self) -> bool:
         """Before a send during training: whether a tracking server answers its health

@@ -112,7 +112,7 @@ class Applier:
         self.created = {} if created is None else created  # token -> (run id, artifact uri)
         self.failed: dict[str, str] = {}  # run id or token -> its first failed request
         uri = getattr(client, "tracking_uri", "")
-        self._server = uri if stores.scheme(uri) in stores.SERVERS else None
+        self._server = uri if stores.is_server(uri) else None
         self._checked = -math.inf  # when the server's health was last asked
         self._down: stores.StoreError | None = None  # what it answered then
 
@@ -141,11 +141,7 @@ class Applier:
         now = time.monotonic()
         if now - self._checked >= HEALTH_SECONDS:
             self._checked = now
-            try:
-                stores.check_reachable(self._server, "MLflow tracking store", timeout=2.0)
-                self._down = None
-            except stores.StoreError as e:
-                self._down = e
+            self._down = stores.server_down(self._server)
         return self._down
 
     def _apply(self, op: str, args: tuple, kwargs: Mapping[str, Any]) -> Any:
