@@ -472,10 +472,11 @@ def _print_kept() -> None:
     kept by its worker's writer process or by the trial itself), if any."""
     from sweeps import writer
 
-    kept = sorted(f.parent.resolve() for f in Path(writer.UNSENT_ROOT).glob("*/unsent.json"))
+    root = Path(writer.UNSENT_ROOT)
+    kept = sorted(f.parent.resolve() for f in root.glob(f"*/{writer.UNSENT_FILE}"))
     if kept:
         print(
-            f"{len(kept)} folder(s) in {Path(writer.UNSENT_ROOT).resolve()} hold MLflow records "
+            f"{len(kept)} folder(s) in {root.resolve()} hold MLflow records "
             "a store refused; once it answers, send each with python -m sweeps.resend "
             f"<folder> (the first: {kept[0]})",
             flush=True,

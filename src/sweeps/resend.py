@@ -26,9 +26,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from sweeps import stores, tracking
+from sweeps import stores, tracking, writer
 
-UNSENT, SENT = "unsent.json", "sent.json"
+UNSENT, SENT = writer.UNSENT_FILE, "sent.json"
 
 
 def resend(folder: Path, tracking_uri: str | None = None) -> tuple[str, str]:

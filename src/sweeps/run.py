@@ -26,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from sweeps import stores, tracking
+from sweeps import stores, tracking, writer
 from sweeps.config import (
     GROUPS,
     RunConfig,
@@ -247,7 +247,7 @@ def keep_unsent(
     except ValueError:  # not under Hydra (a direct call of execute)
         # a stand-in (a run never created) names its worker's pid, which comes back
         name = run.ref if run.uncreated is None else f"{run.ref}-{time.time_ns()}"
-        folder = Path("mlruns") / UNSENT / name
+        folder = Path(writer.UNSENT_ROOT) / name
     (folder / "model").mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text(tracking.config_yaml(resolved))
     (folder / "overrides.yaml").write_text(overrides_yaml(overrides))
@@ -256,7 +256,7 @@ def keep_unsent(
     uri = tracking.portable_uri(run.client.tracking_uri)  # resend may run from elsewhere
     run_id = run.ref if run.uncreated is None else None  # resend creates it
     unsent = {"run_id": run_id, "tracking_uri": uri, **run.unsent()}
-    (folder / "unsent.json").write_text(json.dumps(unsent) + "\n")
+    (folder / writer.UNSENT_FILE).write_text(json.dumps(unsent) + "\n")
     return folder.resolve()
 
 

@@ -2106,7 +2106,7 @@ def _kept_writes(run_id: str) -> Path | None:
     from sweeps import writer
 
     folder = Path(writer.UNSENT_ROOT) / run_id
-    return folder.resolve() if (folder / "unsent.json").is_file() else None
+    return folder.resolve() if (folder / writer.UNSENT_FILE).is_file() else None
 
 
 def _end_on_its_way(trial) -> bool:

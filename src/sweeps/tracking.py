@@ -440,6 +440,12 @@ def portable_uri(uri: str) -> str:
     return f"sqlite:///{db.resolve()}" if db is not None and not db.is_absolute() else uri
 
 
+def metric_dicts(rows: Iterable[tuple[str, float, int, int]]) -> list[dict[str, Any]]:
+    """Metric rows (key, value, timestamp in ms, step) as a kept folder's JSON holds them."""
+    keys = ("key", "value", "timestamp", "step")
+    return [dict(zip(keys, m, strict=True)) for m in rows]
+
+
 def requests_kept(requests: Sequence[tuple[str, tuple, dict]]) -> dict[str, Any]:
     """What the store refused of a run's requests, handed over to a writer process (its
     creation included, for a run it never created: ``writer.StoreWriter.refused``), as
@@ -724,12 +730,7 @@ class Run:
             kept = requests_kept(self.uncreated)
             rows = kept.pop("metrics") + rows
             tags = {**kept.pop("tags"), **tags}
-        keys = ("key", "value", "timestamp", "step")
-        return {
-            "metrics": [dict(zip(keys, m, strict=True)) for m in rows],
-            "tags": tags,
-            **kept,
-        }
+        return {"metrics": metric_dicts(rows), "tags": tags, **kept}
 
     def send_kept(self, kept: Mapping[str, Any]) -> None:
         """Send what ``unsent`` returned (its metrics with their own steps and timestamps,

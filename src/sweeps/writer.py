@@ -48,8 +48,11 @@ from sweeps import stores
 
 log = logging.getLogger(__name__)
 
-#: where a worker keeps the writes the store refused for a run it created (``_keep``)
+#: where a worker keeps the writes the store refused for a run it created (``_keep``), and
+#: a search trial's records its store missed (``sweeps.run.keep_unsent`` outside Hydra): a
+#: folder per run, holding ``UNSENT_FILE`` (``sweeps.resend`` reads it)
 UNSENT_ROOT = "mlruns/unsent"
+UNSENT_FILE = "unsent.json"
 FAILURE_TAG = "sweeps.failure"  # why a run ended FAILED (tracking.FAILURE_TAG is this one)
 CLOSE_TIMEOUT = 600.0  # seconds a closing worker waits for its helper's last writes
 WAIT_READY = False  # deferred_writes waits for its helper to start (tests set it)
@@ -224,8 +227,9 @@ class StoreWriter:
         self._local_runs: set[str] = set()  # runs with a request made here: all are
         self._created: dict[str, tuple[str, str]] = {}  # token -> (run id, artifact URI)
         self._create_errors: dict[str, str] = {}  # token -> why its run was not created
-        self._refused: dict[str, list[tuple[str, tuple, dict]]] = {}  # a run never created:
-        # token -> its requests, for ``refused``
+        # token -> the requests the store refused for its run, for ``refused`` (a run never
+        # created) or ``_keep`` (at the run's end)
+        self._refused: dict[str, list[tuple[str, tuple, dict]]] = {}
         self._tokens = 0
         self.seconds = 0.0  # the helper's time in the store, summed over its requests
         if wait_ready:
@@ -408,11 +412,8 @@ class StoreWriter:
                 **tracking.requests_kept(refused),
                 "status": status,  # the worker's, not FAILED for the writes refused
             }
-            kept["metrics"] = [
-                dict(zip(("key", "value", "timestamp", "step"), m, strict=True))
-                for m in kept["metrics"]
-            ]
-            (folder / "unsent.json").write_text(json.dumps(kept) + "\n")
+            kept["metrics"] = tracking.metric_dicts(kept["metrics"])
+            (folder / UNSENT_FILE).write_text(json.dumps(kept) + "\n")
         except OSError as e:
             log.warning("MLflow run %s: could not keep its refused writes: %s", run_id, e)
             return
