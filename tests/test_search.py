@@ -31,6 +31,7 @@ from search_helpers import (
 from sweeps import search as S
 from sweeps import writer
 from sweeps.optuna_search import load_config, main, split_overrides
+from sweeps.stores import StoreError
 from sweeps.writer import StoreWriter
 
 # -- narrowing (pure) -------------------------------------------------------------------------
@@ -685,13 +686,32 @@ def test_a_failing_trial_does_not_stop_the_study(tmp_path, mlflow_store):
     assert "failed" in outcomes and "complete" in outcomes, outcomes
 
 
+def _store_down_at_the_end(monkeypatch) -> list[bool]:
+    """``sweeps.resend`` finds the store down (as it would be, still, at a study's end after
+    a longer outage) while the returned flag holds True."""
+    from sweeps import resend
+
+    down = [True]
+    real = resend.resend
+
+    def refused(folder, tracking_uri=None):
+        if down[0]:
+            raise StoreError("the MLflow tracking store at http://127.0.0.1:1 does not answer")
+        return real(folder, tracking_uri)
+
+    monkeypatch.setattr(resend, "resend", refused)
+    return down
+
+
 def test_an_inline_trial_whose_store_fails_at_its_end_is_complete_and_kept_for_resend(
-    tmp_path, mlflow_store, monkeypatch
+    tmp_path, mlflow_store, monkeypatch, capsys
 ):
     """trial_writes=inline: the store fails the first trial's last send (its metrics). The
-    trial trained: Optuna gets its value (COMPLETE), its records go to mlruns/unsent for
-    sweeps.resend, its run is ended KILLED saying where they are, and resend makes it
-    FINISHED. Before, the trial was FAILed and its run later said COMPLETE."""
+    trial trained: Optuna gets its value (COMPLETE), its records go to mlruns/unsent. The
+    store is still down at the study's end: its run is ended KILLED saying where they are,
+    and the end names the folder. The same command, run again once the store answers, sends
+    them at its launch and the run is FINISHED. Before, the trial was FAILed and its run
+    later said COMPLETE."""
     from mlflow.exceptions import MlflowException
 
     from sweeps import resend
@@ -711,22 +731,31 @@ def test_an_inline_trial_whose_store_fails_at_its_end_is_complete_and_kept_for_r
         return real(client, run_id, metrics, *a, **k)
 
     monkeypatch.setattr(MlflowClient, "log_batch", log_batch)
+    down = _store_down_at_the_end(monkeypatch)
     assert main(args) == 0
     (run_id,) = failed
     trials = load_study(storage, "lost").trials
     assert [S.outcome_of(t) for t in trials] == ["complete"] * 3
     kept = Path(trials[0].user_attrs[S.UNSENT])
-    assert kept == (tmp_path / "mlruns" / "unsent" / run_id).resolve()
+    root = (tmp_path / "mlruns" / "unsent").resolve()
+    assert kept == root / run_id
+    assert f"1 folder(s) in {root} hold MLflow records" in capsys.readouterr().out
     assert trials[0].user_attrs[S.RUN_ID] == run_id
     client = MlflowClient(mlflow_store["uri"])
     run = client.get_run(run_id)
     assert run.info.status == "KILLED"  # by the launcher, once its trials were done
     assert f"python -m sweeps.resend {kept}" in run.data.tags["sweeps.failure"]
-    assert resend.main([str(kept)]) == 0
+
+    down[0] = False
+    assert main(args) == 0  # the study is complete: its launch sends what was kept
+    out = capsys.readouterr().out
+    assert f"sent 1 folder(s) of MLflow records a store had refused ({root})" in out
+    assert "hold MLflow records" not in out
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["trial_state"] == "COMPLETE"
     assert "sweeps.failure" not in run.data.tags
     assert run.data.metrics["val/acc"] == trials[0].value
+    assert resend.main([str(kept)]) == 2  # sent already: nothing twice
 
 
 def _writes_in_this_process(monkeypatch, apply) -> None:
@@ -752,9 +781,10 @@ def test_a_trial_whose_writer_could_not_create_its_run_is_complete_and_kept_for_
     server down longer than MLflow's retries), which its worker learns once the trial has
     trained. Optuna gets the trial's value (COMPLETE); everything handed over for the run
     (its tags, params, dataset inputs, metrics) and the trial's history, config and weights
-    go to mlruns/unsent for sweeps.resend, which creates the run under the study's parent
-    run and ends it FINISHED. Before, the trained trial was counted as failed and the run
-    never existed (seen by hand: 4 of 40 trials in a 47 s outage)."""
+    go to mlruns/unsent. The store answers again by the study's end, which sends them
+    (``sweeps.resend``): the run is created under the study's parent run and ended FINISHED.
+    Before, the trained trial was counted as failed and the run never existed (seen by hand:
+    4 of 40 trials in a 47 s outage)."""
     from mlflow.exceptions import MlflowException
 
     from sweeps import resend
@@ -788,8 +818,7 @@ def test_a_trial_whose_writer_could_not_create_its_run_is_complete_and_kept_for_
             if r.data.tags.get("sweeps.role") == "trial"
         }
 
-    assert sorted(trial_runs()) == ["1", "2"]  # none for trial 0, yet
-    assert resend.main([str(kept)]) == 0
+    assert not (kept / "unsent.json").exists()  # sent by the study's end: the store answers
     runs = trial_runs()
     run = client.get_run(runs["0"].info.run_id)
     other = client.get_run(runs["1"].info.run_id)
@@ -810,10 +839,11 @@ def test_writes_the_store_refused_for_a_created_run_are_kept_for_resend(
     tmp_path, mlflow_store, monkeypatch, capsys
 ):
     """trial_writes=process: the store created the first trial's run, then refused its
-    metrics and its end (an outage that began mid-trial). The trial is COMPLETE; its writer
-    keeps what was refused in mlruns/unsent/<run id>; the launcher's reconcile ends the run
-    KILLED naming that folder, and the study's end names it too; resend sends the metrics
-    and ends the run as its worker meant to (FINISHED)."""
+    metrics and its end (an outage that began mid-trial), and is still down at the study's
+    end. The trial is COMPLETE; its writer keeps what was refused in mlruns/unsent/<run id>;
+    the launcher's reconcile ends the run KILLED naming that folder, and the study's end
+    names the folder of them; resend of that folder, once the store answers, sends the
+    metrics and ends the run as its worker meant to (FINISHED)."""
     from mlflow.exceptions import MlflowException
 
     from sweeps import resend
@@ -835,27 +865,96 @@ def test_writes_the_store_refused_for_a_created_run_are_kept_for_resend(
         return real_apply(self, op, args, kwargs)
 
     _writes_in_this_process(monkeypatch, apply)
+    down = _store_down_at_the_end(monkeypatch)
     assert main(args) == 0
     assert refused[-1] == "set_terminated" and "log_batch" in refused
     trials = load_study(storage, "partial").trials
     assert [S.outcome_of(t) for t in trials] == ["complete"] * 3
     run_id = trials[0].user_attrs[S.RUN_ID]
-    kept = (tmp_path / "mlruns" / "unsent" / run_id).resolve()
+    root = (tmp_path / "mlruns" / "unsent").resolve()
+    kept = root / run_id
     assert (kept / "unsent.json").is_file()
-    assert "hold MLflow records a store refused" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"1 folder(s) in {root} hold MLflow records" in out
+    assert f"python -m sweeps.resend {root} sends them" in out
     client = MlflowClient(mlflow_store["uri"])
     run = client.get_run(run_id)
     assert run.info.status == "KILLED"  # by the launcher's reconcile, at once
     assert f"python -m sweeps.resend {kept}" in run.data.tags["sweeps.failure"]
     assert "val/acc" not in run.data.metrics  # the refused batch
 
-    assert resend.main([str(kept)]) == 0
+    down[0] = False
+    assert resend.main([str(root)]) == 0  # every folder in it
+    assert f"sent {kept} to run {run_id}, now FINISHED" in capsys.readouterr().out
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and "sweeps.failure" not in run.data.tags
     assert run.data.tags["trial_state"] == "COMPLETE"
     assert run.data.metrics["val/acc"] == trials[0].value
     history = client.get_metric_history(run_id, "val/acc")
     assert [m.step for m in history] == list(range(1, 4))
+
+
+def test_a_pruned_trials_refused_writes_are_sent_at_the_studys_end_with_its_state(
+    tmp_path, mlflow_store, monkeypatch
+):
+    """trial_writes=process: the store refuses the first pruned trial's run end (FAILED
+    with TrialPruned, as open_run ends it), and then the worker's own update of that run
+    (KILLED, ``trial_state=PRUNED``, ``sweeps.pruned``): an outage. The store answers by
+    the study's end, which sends the kept writes: the run ends KILLED, as its worker meant,
+    with the tags the worker could not set. Before, they were missing (and a resend by hand
+    left them out)."""
+    from mlflow.exceptions import MlflowException
+
+    _register(
+        "prune_kept",
+        {
+            "lr": S.ParamConf(key="optimizer.lr", choices=[0.5, 1e-9]),
+            "wd": S.ParamConf(key="weight_decay.strength", low=1e-9, high=1e-8, log=True),
+        },
+        [(8, "random")],
+        ["weight_decay=l2"],
+    )
+    monkeypatch.chdir(tmp_path)
+    storage = str(tmp_path / "journal.log")
+    args = tiny_args(storage, mlflow_store, study="prunekept", epochs=4)
+    args = [a for a in args if not a.startswith(("search=", "search.rounds", "search.params"))]
+    real_apply = writer.Applier._apply
+    numbers: dict[str, int] = {}  # token -> trial number
+    refused: list[int] = []
+
+    def apply(self, op, args, kwargs):
+        if op == "create_run":
+            numbers[args[0]] = int(args[3]["trial_number"])
+        elif op == "set_terminated" and args[1] == "FAILED" and not refused:  # pruned
+            refused.append(numbers[args[0]])
+            raise MlflowException("API request to ... failed: Max retries exceeded")
+        return real_apply(self, op, args, kwargs)
+
+    real_runs_of = S.Search._runs_of
+
+    def runs_of(self, number):
+        if refused == [number]:  # the worker's own update of that run, right after
+            refused.append(-1)
+            raise MlflowException("API request to .../runs/search failed: Max retries exceeded")
+        return real_runs_of(self, number)
+
+    _writes_in_this_process(monkeypatch, apply)
+    monkeypatch.setattr(S.Search, "_runs_of", runs_of)
+    assert main(["search=prune_kept", *args, "pruner=median", "pruner.n_startup_trials=1"]) == 0
+    assert len(refused) == 2, "no pruned trial"
+    number = refused[0]
+    trial = load_study(storage, "prunekept").trials[number]
+    assert trial.state == TrialState.PRUNED
+    (run,) = [
+        r
+        for r in mlflow_runs(mlflow_store, "prunekept")
+        if r.data.tags.get("trial_number") == str(number)
+    ]
+    assert run.info.status == "KILLED" and run.data.tags["trial_state"] == "PRUNED"
+    assert "sweeps.failure" not in run.data.tags
+    assert run.data.tags["sweeps.pruned"] == trial.user_attrs[S.REASON]
+    assert "pruned at epoch" in run.data.tags["sweeps.pruned"]
+    assert (tmp_path / "mlruns" / "unsent" / run.info.run_id / "sent.json").is_file()
 
 
 def test_duplicates_are_never_trained_and_an_exhausted_space_ends_the_round(tmp_path, mlflow_store):

@@ -778,6 +778,76 @@ def test_resend_skips_what_an_earlier_send_left_in_the_store(mlflow_store, tmp_p
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
+def test_resend_of_a_folder_of_kept_folders_sends_each_and_names_what_it_could_not(
+    mlflow_store, tmp_path, capsys
+):
+    """``python -m sweeps.resend mlruns/unsent``: every kept folder in it is sent; one it
+    cannot read is named and the exit code says so, the others are sent all the same."""
+    client = MlflowClient(mlflow_store["uri"])
+    exp = client.create_experiment("kept", artifact_location=mlflow_store["artifacts"])
+    runs = [client.create_run(exp).info.run_id for _ in range(2)]
+    for run_id in runs:
+        row = {"key": "val/acc", "value": 0.5, "timestamp": 1_000, "step": 1}
+        kept = {"run_id": run_id, "tracking_uri": mlflow_store["uri"], "metrics": [row]}
+        (tmp_path / run_id).mkdir()
+        (tmp_path / run_id / "unsent.json").write_text(json.dumps({**kept, "tags": {}}))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "unsent.json").write_text("{not json")
+    assert resend.main([str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert all(f"sent {tmp_path / r} to run {r}, now FINISHED" in out for r in runs)
+    assert f"cannot read {tmp_path / 'broken' / 'unsent.json'}" in err
+    assert [client.get_run(r).info.status for r in runs] == ["FINISHED", "FINISHED"]
+    assert resend.main([str(tmp_path)]) == 2  # the broken one is left; nothing sent twice
+    assert "sent" not in capsys.readouterr().out
+
+
+def test_two_resends_of_a_folder_at_once_create_its_run_once(mlflow_store, tmp_path):
+    """A launcher's end sends a study's kept folders while a user may be sending them by
+    hand: the two take turns on the folder, and a run the store never created is created
+    once (the second finds the folder sent)."""
+    import threading
+
+    client = MlflowClient(mlflow_store["uri"])
+    exp = client.create_experiment("kept", artifact_location=mlflow_store["artifacts"])
+    kept = {
+        "run_id": None,
+        "tracking_uri": mlflow_store["uri"],
+        "create": {"experiment_id": exp, "tags": {"trial_number": "0"}, "run_name": "t0"},
+        "metrics": [{"key": "val/acc", "value": 0.5, "timestamp": 1_000, "step": 1}],
+        "tags": {},
+    }
+    (tmp_path / "unsent.json").write_text(json.dumps(kept))
+    real, inside = tracking.get_client, threading.Barrier(2, timeout=2)
+    outcomes: list[object] = []
+
+    def get_client(uri):  # the first resend waits here, under the folder's lock, for the
+        with contextlib.suppress(threading.BrokenBarrierError):  # second to start
+            inside.wait()
+        return real(uri)
+
+    def send():
+        try:
+            outcomes.append(resend.resend(tmp_path))
+        except ValueError as e:
+            outcomes.append(str(e))
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(tracking, "get_client", get_client)
+        threads = [threading.Thread(target=send) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert len(outcomes) == 2
+    sent = [o for o in outcomes if isinstance(o, tuple)]
+    assert len(sent) == 1 and sent[0][1] == "FINISHED"
+    assert [o for o in outcomes if isinstance(o, str)] == [
+        f"{tmp_path} was sent already (sent.json); nothing to send"
+    ]
+    assert [r.info.run_name for r in client.search_runs([exp])] == ["t0"]
+
+
 def test_ctrl_c_while_the_store_is_lost_leaves_the_run_running_without_waiting_for_it(
     mlflow_store, monkeypatch
 ):

@@ -467,18 +467,28 @@ def evaluate_best(search: S.Search, report: S.Report, parent: str | None) -> Bes
     return BestSeeds(best.number, best.value, search.space.metric, [records[str(s)] for s in seeds])
 
 
-def _print_kept() -> None:
-    """Name the folders of MLflow records a store refused that are not sent yet (a trial's,
-    kept by its worker's writer process or by the trial itself), if any."""
+def _print_sent(sent: int) -> None:
+    """Say how many folders of MLflow records a store had refused ``Search.send_kept`` sent."""
     from sweeps import writer
 
-    root = Path(writer.UNSENT_ROOT)
-    kept = sorted(f.parent.resolve() for f in root.glob(f"*/{writer.UNSENT_FILE}"))
+    if sent:
+        root = Path(writer.UNSENT_ROOT).resolve()
+        print(f"sent {sent} folder(s) of MLflow records a store had refused ({root})", flush=True)
+
+
+def _print_kept(sent: int) -> None:
+    """Say how many folders of MLflow records a store had refused the study's end sent,
+    and name those not sent yet (any study's), if any."""
+    from sweeps import resend, writer
+
+    _print_sent(sent)
+    root = Path(writer.UNSENT_ROOT).resolve()
+    kept = resend.kept_folders(root)
     if kept:
         print(
-            f"{len(kept)} folder(s) in {root.resolve()} hold MLflow records "
-            "a store refused; once it answers, send each with python -m sweeps.resend "
-            f"<folder> (the first: {kept[0]})",
+            f"{len(kept)} folder(s) in {root} hold MLflow records a store refused; once it "
+            f"answers, python -m sweeps.resend {root} sends them (and this command, run "
+            "again, this study's)",
             flush=True,
         )
 
@@ -572,6 +582,7 @@ def study_main(search: S.Search, argv: Sequence[str], start: float, resumed: boo
         search.record_launcher()
 
     search.locked(launch, "recording the launch")
+    sent = search.send_kept()  # what a store refused before this launch, if it answers now
     search.reconcile_runs()
     search.end_dead_studies()  # a killed launcher's study that is never rerun
     before = S.tally(search.study.get_trials(deepcopy=False))
@@ -594,6 +605,7 @@ def study_main(search: S.Search, argv: Sequence[str], start: float, resumed: boo
             f"MLflow parent run {parent}: {tracking.ui_command(cfg.mlflow.tracking_uri)}",
             flush=True,
         )
+    _print_sent(sent)
 
     progress = StudyProgress(search, cfg.progress)
     code, status, message = 0, "FINISHED", ""
@@ -623,11 +635,12 @@ def study_main(search: S.Search, argv: Sequence[str], start: float, resumed: boo
     with S._signals_ignored():
         # no trial runs in this process any more
         search.locked(lambda: search.fail_stale(include_own=True), "failing its own trials")
+        sent = search.send_kept()
         search.reconcile_runs()
         report = search.report()
     print("\n" + report.text(cfg.report_top), flush=True)
     if search.tracking:
-        _print_kept()
+        _print_kept(sent)
     best_test = None
     if code == 0 and report.complete and cfg.evaluate_best and report.best is not None:
         try:

@@ -14,7 +14,10 @@ way (``writer.UNSENT_ROOT``), with the params, dataset inputs and text artifacts
 and the status the run was to end with. For a run the store never created, everything was
 kept: resend creates the run first (in its experiment, under its study's parent run, with
 its tags and name) and writes the new run's id into the kept file at once, so a call that
-fails after that sends to the same run.
+fails after that sends to the same run. A search's launcher sends its study's folders
+itself, at its start and end (``Search.send_kept``). ``python -m sweeps.resend mlruns/unsent``
+sends every folder in it. A folder is sent under a lock of its own: two processes sending
+it at once take turns, and the second finds it sent.
 """
 
 from __future__ import annotations
@@ -26,16 +29,19 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from sweeps import stores, tracking, writer
+from sweeps import locks, stores, tracking, writer
 
 UNSENT, SENT = writer.UNSENT_FILE, "sent.json"
+LOCK = ".resend.lock"  # held while a folder is sent
 
 
-def resend(folder: Path, tracking_uri: str | None = None) -> tuple[str, str]:
-    """Send ``folder``'s kept records to their run and end it (FINISHED, or the status its
-    worker was to end it with); returns the run id and that status.
-    ValueError for a folder that holds no kept run; StoreError for a store that does not
-    answer (nothing is sent then)."""
+def kept_folders(root: Path) -> list[Path]:
+    """The folders directly in ``root`` that hold kept records not yet sent, in name order."""
+    return sorted(f.parent for f in root.glob(f"*/{UNSENT}"))
+
+
+def read_kept(folder: Path) -> dict:
+    """The records kept in ``folder``. ValueError for a folder that holds none (or was sent)."""
     kept_file = folder / UNSENT
     if not kept_file.is_file():
         if (folder / SENT).is_file():
@@ -50,12 +56,27 @@ def resend(folder: Path, tracking_uri: str | None = None) -> tuple[str, str]:
         missing.append("create")
     if missing:
         raise ValueError(f"{kept_file} lacks {', '.join(missing)}: not written by sweeps.run")
+    return kept
+
+
+def resend(folder: Path, tracking_uri: str | None = None) -> tuple[str, str]:
+    """Send ``folder``'s kept records to their run and end it (FINISHED, or the status its
+    worker was to end it with); returns the run id and that status.
+    ValueError for a folder that holds no kept run; StoreError for a store that does not
+    answer (nothing is sent then). Two calls for one folder at once (a launcher's
+    ``Search.send_kept`` and a user's) take turns: the second finds it sent."""
+    read_kept(folder)  # a mistyped folder is not created by the lock below
+    with locks.flock(folder / LOCK):
+        return _resend(folder, read_kept(folder), tracking_uri)
+
+
+def _resend(folder: Path, kept: dict, tracking_uri: str | None) -> tuple[str, str]:
     uri = tracking_uri or kept["tracking_uri"]
     stores.check_reachable(uri, "MLflow tracking store")
     client = tracking.get_client(uri)
     if kept.get("run_id") is None:
         kept["run_id"] = _create(client, kept, folder)
-        kept_file.write_text(json.dumps(kept) + "\n")  # a second try sends to this run
+        writer.write_kept(folder, kept)  # a second try sends to this run
     try:
         stored = client.get_run(kept["run_id"])
     except Exception as e:
@@ -71,17 +92,17 @@ def resend(folder: Path, tracking_uri: str | None = None) -> tuple[str, str]:
     _log_inputs(client, info.run_id, kept.get("inputs", []))
     if kept.get("texts"):
         run.log_texts(kept["texts"])
+    if tracking.FAILURE_TAG in stored.data.tags:  # "its process died": it did not (a
+        client.delete_tag(info.run_id, tracking.FAILURE_TAG)  # kept one is sent next)
     run.send_kept(kept)
     if (folder / "history.csv").is_file():  # sweeps.run's keep_unsent (not a writer's)
         run.log_text((folder / "history.csv").read_text(), "history.csv")
     params = folder / "model" / "params.npz"
     if params.is_file():
         run.log_bytes(params.read_bytes(), "model/params.npz")
-    if tracking.FAILURE_TAG in stored.data.tags:
-        client.delete_tag(info.run_id, tracking.FAILURE_TAG)  # "its process died": it did not
     status = kept.get("status") or "FINISHED"
     run.end(status)
-    os.replace(kept_file, folder / SENT)
+    os.replace(folder / UNSENT, folder / SENT)
     return info.run_id, status
 
 
@@ -120,18 +141,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m sweeps.resend", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("folder", type=Path, help="the unsent/ folder sweeps.run named")
+    parser.add_argument(
+        "folder",
+        type=Path,
+        help="the unsent/ folder sweeps.run named, or a folder of them (mlruns/unsent: each "
+        "one not sent yet)",
+    )
     parser.add_argument(
         "--tracking-uri", help="the store to send to (default: the one the run was in)"
     )
     args = parser.parse_args(argv)
-    try:
-        run_id, status = resend(args.folder, args.tracking_uri)
-    except (ValueError, stores.StoreError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"sent {args.folder} to run {run_id}, now {status}")
-    return 0
+    folders = [args.folder]
+    if not (args.folder / UNSENT).exists() and not (args.folder / SENT).exists():
+        folders = kept_folders(args.folder) or folders  # a folder of kept folders
+    code = 0
+    for folder in folders:
+        try:
+            run_id, status = resend(folder, args.tracking_uri)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            code = 2
+            continue
+        except stores.StoreError as e:  # the others would wait for it too
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"sent {folder} to run {run_id}, now {status}")
+    return code
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import sys
 import time
@@ -256,7 +255,7 @@ def keep_unsent(
     uri = tracking.portable_uri(run.client.tracking_uri)  # resend may run from elsewhere
     run_id = run.ref if run.uncreated is None else None  # resend creates it
     unsent = {"run_id": run_id, "tracking_uri": uri, **run.unsent()}
-    (folder / writer.UNSENT_FILE).write_text(json.dumps(unsent) + "\n")
+    writer.write_kept(folder, unsent)
     return folder.resolve()
 
 

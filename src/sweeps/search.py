@@ -1423,6 +1423,84 @@ class Search:
         except Exception as e:
             log.warning("could not end the MLflow run of trial %d: %s", number, e)
 
+    def send_kept(self) -> int:
+        """Send this study's MLflow records that a store refused and this machine's workers
+        kept (in ``writer.UNSENT_ROOT`` under the working directory: a trial's run never
+        created, or writes refused for one created), now that the store answers: each run is
+        created if need be and ended as its worker meant (``sweeps.resend``), with its
+        trial's state as ``trial_state`` (and ``sweeps.pruned``, as ``_finish_run`` would
+        have set). A launcher calls it at its start and its end, before ``reconcile_runs``.
+        Returns how many folders it sent; a store that does not answer leaves them all."""
+        if not self.tracking:
+            return 0
+        from sweeps import resend, tracking, writer
+
+        folders = resend.kept_folders(Path(writer.UNSENT_ROOT))
+        if not folders:
+            return 0
+        uri = tracking.portable_uri(self.cfg.mlflow.tracking_uri)
+        try:  # a tracking server that is down: at once, not through MLflow's retries
+            stores.check_reachable(uri, "MLflow tracking store", timeout=2.0)
+        except stores.StoreError as e:
+            log.warning("%sthe kept MLflow records stay kept: %s", self.label, e)
+            return 0
+        trials = {t.number: t for t in self.study.get_trials(deepcopy=False)}
+        sent = 0
+        for folder in folders:
+            try:
+                sent += self._send_kept(folder, uri, trials)
+            except Exception as e:  # this one stays kept (the study's end names the folder)
+                log.warning("%scould not send %s: %s", self.label, folder, e)
+        if sent:
+            log.info("%ssent %d folder(s) of kept MLflow records", self.label, sent)
+        return sent
+
+    def _send_kept(self, folder: Path, uri: str, trials: Mapping[int, Any]) -> int:
+        """Send one kept folder if it is this study's (see ``send_kept``): 1 if sent."""
+        from optuna.trial import TrialState
+
+        from sweeps import resend
+
+        try:
+            kept = resend.read_kept(folder)
+        except ValueError:  # sent meanwhile, or not readable: left to a resend by hand
+            return 0
+        if kept["tracking_uri"] != uri:
+            return 0
+        tags = (
+            kept["create"].get("tags") or {}
+            if kept["run_id"] is None
+            else self.client().get_run(kept["run_id"]).data.tags
+        )
+        if tags.get("study") != self.name or "trial_number" not in tags:
+            return 0
+        try:
+            run_id, ended = resend.resend(folder)
+        except ValueError:  # another process sent it first
+            return 0
+        trial = trials.get(int(tags["trial_number"]))
+        if trial is not None and trial.state != TrialState.RUNNING:
+            state = trial.state.name
+            status = "KILLED" if state == "PRUNED" else ended
+            reason = str(trial.user_attrs.get(REASON, ""))
+            self._settle_run(run_id, ended, status, state, reason, {})
+        return 1
+
+    def _settle_run(
+        self, run_id: str, ended: str, status: str, state: str, reason: str, tags: Mapping
+    ) -> None:
+        """Give a trial's ended run (``ended``: its status now; ``tags``: its tags now) its
+        final ``status`` and tags: ``trial_state``, and a pruned trial's reason in place of
+        the failure its run ended with."""
+        client = self.client()
+        if ended != status:
+            client.set_terminated(run_id, status=status)
+        if state == "PRUNED":
+            if "sweeps.failure" in tags:
+                client.delete_tag(run_id, "sweeps.failure")
+            client.set_tag(run_id, "sweeps.pruned", reason)
+        client.set_tag(run_id, "trial_state", state)
+
     def reconcile_runs(self) -> int:
         """End every MLflow child run left RUNNING whose Optuna trial is no longer running
         (a SIGKILLed worker): KILLED, with the trial's state as ``trial_state``."""
@@ -1970,14 +2048,9 @@ class Search:
         number = trial.number
         try:
             for run in self._runs_of(number):
-                client = self.client()
                 trial.set_user_attr(RUN_ID, run.info.run_id)
-                if state == "PRUNED":
-                    client.delete_tag(run.info.run_id, "sweeps.failure")
-                    client.set_tag(run.info.run_id, "sweeps.pruned", reason)
-                if run.info.status != status:
-                    client.set_terminated(run.info.run_id, status=status)
-                client.set_tag(run.info.run_id, "trial_state", state)
+                info = run.info
+                self._settle_run(info.run_id, info.status, status, state, reason, run.data.tags)
         except Exception as e:
             log.warning("could not update the MLflow run of trial %d: %s", number, e)
 

@@ -60,6 +60,14 @@ TOKEN = "pending-run-"  # how a worker's requests name a run it asked its helper
 ANSWER_TIMEOUT = 300.0  # seconds a worker waits for its helper to create a run, then stops it
 
 
+def write_kept(folder: Path, kept: Mapping[str, Any]) -> None:
+    """Write a run's kept records to ``folder / UNSENT_FILE`` whole or not at all (a
+    launcher's ``Search.send_kept`` may read it at any time)."""
+    tmp = folder / f".{UNSENT_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(kept) + "\n")
+    os.replace(tmp, folder / UNSENT_FILE)
+
+
 def log_inputs(client, run_id: str, inputs: list, attempts: int = 3) -> None:
     """``client.log_inputs``, tried again when another process inserted the same dataset."""
     from mlflow.exceptions import MlflowException
@@ -413,7 +421,7 @@ class StoreWriter:
                 "status": status,  # the worker's, not FAILED for the writes refused
             }
             kept["metrics"] = tracking.metric_dicts(kept["metrics"])
-            (folder / UNSENT_FILE).write_text(json.dumps(kept) + "\n")
+            write_kept(folder, kept)
         except OSError as e:
             log.warning("MLflow run %s: could not keep its refused writes: %s", run_id, e)
             return
