@@ -371,3 +371,55 @@ def test_a_tracking_server_that_fails_its_health_check_is_not_waited_for(monkeyp
     health["up"] = True
     assert applier.apply("set_terminated", ("r5", "FINISHED", 1), {}) == (None, None)
     assert client.made == ["r1", "r2", "r5"]
+
+
+@pytest.mark.parametrize(("chosen", "attempts"), [(None, 1 + writer.HELPER_RETRIES), ("1", 2)])
+def test_the_helper_gives_up_on_a_failing_tracking_server_after_few_retries(
+    monkeypatch, chosen, attempts
+):
+    """A tracking server that answers its health check but fails a request (it stopped
+    during the request, or is overloaded): the helper tries it HELPER_RETRIES more times,
+    not MLflow's default 7 (minutes of waits, which stalled every trial behind it), unless
+    the user set MLFLOW_HTTP_REQUEST_MAX_RETRIES. The run's writes are then kept."""
+    import http.server
+    import threading
+
+    calls: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            if self.path == "/health":
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"OK")
+                return
+            calls.append(self.path)
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")  # no waits in the test
+    if chosen is None:
+        monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", chosen)
+    try:
+        w = writer.StoreWriter(f"http://127.0.0.1:{server.server_port}", wait_ready=True)
+        try:
+            token = w.new_token()
+            w.call("create_run", token, "0", 1, {}, None)
+            with pytest.raises(RuntimeError, match="create_run"):
+                w.created(token)
+        finally:
+            w.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert calls == ["/api/2.0/mlflow/runs/create"] * attempts
