@@ -957,6 +957,69 @@ def test_a_pruned_trials_refused_writes_are_sent_at_the_studys_end_with_its_stat
     assert (tmp_path / "mlruns" / "unsent" / run.info.run_id / "sent.json").is_file()
 
 
+def test_runs_the_store_never_created_are_kept_for_every_trial_state_and_sent_at_the_end(
+    tmp_path, mlflow_store, monkeypatch
+):
+    """trial_writes=process: the store refuses to create every trial's run after the first
+    (a tracking server down), in a study with pruning: complete trials keep their records
+    as before, and pruned ones now too (before, a pruned trial whose run was never created
+    left nothing in MLflow). The store answers by the study's end, which sends them all:
+    every trial has its run, a pruned one KILLED with ``trial_state=PRUNED``, its reason in
+    ``sweeps.pruned`` and its curves up to the epoch it was pruned at."""
+    from mlflow.exceptions import MlflowException
+
+    _register(
+        "prune_uncreated",
+        {
+            "lr": S.ParamConf(key="optimizer.lr", choices=[0.5, 1e-9]),
+            "wd": S.ParamConf(key="weight_decay.strength", low=1e-9, high=1e-8, log=True),
+        },
+        [(8, "random")],
+        ["weight_decay=l2"],
+    )
+    monkeypatch.chdir(tmp_path)
+    storage = str(tmp_path / "journal.log")
+    args = tiny_args(storage, mlflow_store, study="uncreated2", epochs=4)
+    args = [a for a in args if not a.startswith(("search=", "search.rounds", "search.params"))]
+    real_apply = writer.Applier._apply
+    created: list[str] = []
+
+    def apply(self, op, args, kwargs):
+        if op == "create_run":
+            if created:
+                raise MlflowException("API request to .../runs/create failed: Max retries")
+            created.append(args[0])
+        return real_apply(self, op, args, kwargs)
+
+    _writes_in_this_process(monkeypatch, apply)
+    args = ["search=prune_uncreated", *args, "pruner=median", "pruner.n_startup_trials=1"]
+    assert main(args) == 0
+    trials = check_invariants(storage, mlflow_store, "uncreated2", [8])
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert pruned and any(t.state == TrialState.COMPLETE for t in trials[1:])
+    runs = {
+        int(r.data.tags["trial_number"]): r
+        for r in mlflow_runs(mlflow_store, "uncreated2")
+        if r.data.tags.get("sweeps.role") == "trial"
+    }
+    assert sorted(runs) == list(range(8))  # one run per trial, created or sent
+    client = MlflowClient(mlflow_store["uri"])
+    for t in trials:
+        run = client.get_run(runs[t.number].info.run_id)
+        assert run.data.tags["trial_state"] == t.state.name
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")]
+        assert steps == sorted(t.intermediate_values) or steps == [1, 2, 3, 4]
+        if t.state == TrialState.PRUNED:
+            assert run.info.status == "KILLED" and "sweeps.failure" not in run.data.tags
+            assert run.data.tags["sweeps.pruned"] == t.user_attrs[S.REASON]
+            assert steps == sorted(t.intermediate_values)  # up to its pruning
+        else:
+            assert run.info.status == "FINISHED"
+            assert run.data.metrics["val/acc"] == t.value
+    kept = list((tmp_path / "mlruns" / "unsent").glob("*/unsent.json"))
+    assert kept == []  # every folder sent
+
+
 def test_duplicates_are_never_trained_and_an_exhausted_space_ends_the_round(tmp_path, mlflow_store):
     _register(
         "grid_case",

@@ -1483,7 +1483,8 @@ class Search:
             state = trial.state.name
             status = "KILLED" if state == "PRUNED" else ended
             reason = str(trial.user_attrs.get(REASON, ""))
-            self._settle_run(run_id, ended, status, state, reason, {})
+            now = self.client().get_run(run_id).data.tags  # a kept failure, for one
+            self._settle_run(run_id, ended, status, state, reason, now)
         return 1
 
     def _settle_run(

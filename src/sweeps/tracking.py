@@ -702,6 +702,27 @@ class Run:
         self.lost, self._resumed = None, True
         return True
 
+    def creation_refused(self) -> bool:
+        """Whether this run, handed to a writer process, is one the store refused to create
+        (its requests are then in ``uncreated``); waits for the writer's answer."""
+        deferred = isinstance(self.client, writer.DeferredClient)
+        if deferred and self._run_id is None and self.lost is None and self.uncreated is None:
+            self.online()
+        return self.uncreated is not None
+
+    def keep_uncreated(self, status: str, reason: str) -> Path:
+        """Keep every record of a run the store never created, which ended ``status`` for
+        ``reason`` (a pruned or failed search trial), in ``writer.UNSENT_ROOT`` for
+        ``sweeps.resend`` (a study's launcher sends it once the store answers): the folder."""
+        folder = Path(writer.UNSENT_ROOT) / f"{self.ref}-{time.time_ns()}"
+        folder.mkdir(parents=True, exist_ok=True)
+        unsent = self.unsent()
+        tags = {**unsent.pop("tags"), FAILURE_TAG: reason[:5000]}
+        uri = portable_uri(self.client.tracking_uri)
+        kept = {"run_id": None, "tracking_uri": uri, **unsent, "tags": tags, "status": status}
+        writer.write_kept(folder, kept)
+        return folder.resolve()
+
     def send_last(self) -> bool:
         """Send the run's last records now: every buffered and held metric and the queued
         tags, in one request (``open_run`` then has none left to send). False when the store
@@ -888,7 +909,10 @@ def open_run(
     waiting up to ``BACKGROUND_GRACE`` seconds for the artifacts already submitted (the
     histograms at initialization of a diverged run); KILLED on KeyboardInterrupt or SIGTERM
     (see ``sigterm_as_interrupt``) at once, dropping the artifacts not started. The
-    exception is re-raised. A run whose store stopped answering during training and did not
+    exception is re-raised. A run handed to a writer process that the store refused to
+    create, ended by an exception (a pruned or diverged search trial), is kept whole in
+    ``writer.UNSENT_ROOT`` instead (``Run.keep_uncreated``). A run whose store stopped
+    answering during training and did not
     answer again, or failed the run's last send (``Run.lost``), is left RUNNING, without more
     calls to the store (each would wait through MLflow's retries, minutes): the next
     ``sweeps.run`` on this machine into this experiment ends it KILLED (``end_dead_runs``).
@@ -915,7 +939,24 @@ def open_run(
         run.wait_background()
         run.check_background()
     except BaseException as e:
-        if run is not None and run.uncreated is not None:  # no run to end: its records kept
+        if (
+            run is not None
+            and isinstance(e, Exception)
+            and run.uncreated is None
+            and run.creation_refused()
+        ):  # a trial pruned or failed while its store was down: no run to end, so keep it
+            run.cancel_background()
+            reason = str(e) if isinstance(e, DivergedError) else f"{type(e).__name__}: {e}"
+            with contextlib.suppress(OSError):
+                kept = run.keep_uncreated("FAILED", reason)
+                log.warning(
+                    "run %s: the store did not create it; its records are kept in %s "
+                    "(python -m sweeps.resend %s)",
+                    run.ref,
+                    kept,
+                    kept,
+                )
+        elif run is not None and run.uncreated is not None:  # no run to end: records kept
             run.cancel_background()
         elif run is not None and run.lost is not None:  # each store call would wait minutes
             run.cancel_background()
