@@ -377,10 +377,10 @@ def test_a_tracking_server_that_fails_its_health_check_is_not_waited_for(monkeyp
 def test_the_helper_gives_up_on_a_failing_tracking_server_after_few_retries(
     monkeypatch, chosen, attempts
 ):
-    """A tracking server that answers its health check but fails a request (it stopped
-    during the request, or is overloaded): the helper tries it HELPER_RETRIES more times,
-    not MLflow's default 7 (minutes of waits, which stalled every trial behind it), unless
-    the user set MLFLOW_HTTP_REQUEST_MAX_RETRIES. The run's writes are then kept."""
+    """A tracking server that answers its health check but refuses a request (overloaded;
+    a server that stopped refuses the connection, retried the same way): the helper tries
+    it HELPER_RETRIES more times, not MLflow's default 7 (minutes of waits, which stalled
+    every trial behind it), unless the user set MLFLOW_HTTP_REQUEST_MAX_RETRIES."""
     import http.server
     import threading
 
@@ -394,7 +394,7 @@ def test_the_helper_gives_up_on_a_failing_tracking_server_after_few_retries(
                 self.wfile.write(b"OK")
                 return
             calls.append(self.path)
-            self.send_response(503)
+            self.send_response(429)  # retried by every MLflow: the request was not processed
             self.send_header("Content-Length", "0")
             self.end_headers()
 
