@@ -912,10 +912,10 @@ def open_run(
     exception is re-raised. A run handed to a writer process that the store refused to
     create, ended by an exception (a pruned or diverged search trial), is kept whole in
     ``writer.UNSENT_ROOT`` instead (``Run.keep_uncreated``). A run whose store stopped
-    answering during training and did not
-    answer again, or failed the run's last send (``Run.lost``), is left RUNNING, without more
-    calls to the store (each would wait through MLflow's retries, minutes): the next
-    ``sweeps.run`` on this machine into this experiment ends it KILLED (``end_dead_runs``).
+    answering during training and did not answer again, or failed the run's last send
+    (``Run.lost``), is left RUNNING, without more calls to the store (each would wait
+    through MLflow's retries, minutes): the next ``sweeps.run`` on this machine into this
+    experiment ends it KILLED (``end_dead_runs``).
     """
     client = get_client(tracking_uri)
     exp_id = ensure_experiment(client, experiment_name, artifact_root, tracking_uri)
@@ -939,23 +939,11 @@ def open_run(
         run.wait_background()
         run.check_background()
     except BaseException as e:
-        if (
-            run is not None
-            and isinstance(e, Exception)
-            and run.uncreated is None
-            and run.creation_refused()
-        ):  # a trial pruned or failed while its store was down: no run to end, so keep it
+        if run is not None and isinstance(e, Exception) and _uncreated_now(run):
+            # a trial pruned or failed while its store was down: no run to end, so keep it
             run.cancel_background()
             reason = str(e) if isinstance(e, DivergedError) else f"{type(e).__name__}: {e}"
-            with contextlib.suppress(OSError):
-                kept = run.keep_uncreated("FAILED", reason)
-                log.warning(
-                    "run %s: the store did not create it; its records are kept in %s "
-                    "(python -m sweeps.resend %s)",
-                    run.ref,
-                    kept,
-                    kept,
-                )
+            _keep_quietly(run, reason)
         elif run is not None and run.uncreated is not None:  # no run to end: records kept
             run.cancel_background()
         elif run is not None and run.lost is not None:  # each store call would wait minutes
@@ -994,6 +982,32 @@ def left_running(e: BaseException) -> bool:
 def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def _uncreated_now(run: Run) -> bool:
+    """Whether an exception ended ``run`` before its end learnt that the store never
+    created it (``Run.creation_refused``); never raises over that exception."""
+    try:
+        return run.uncreated is None and run.creation_refused()
+    except Exception:
+        log.exception("run %s: could not learn whether the store created it", run.ref)
+        return False
+
+
+def _keep_quietly(run: Run, reason: str) -> None:
+    """``Run.keep_uncreated`` for a run ended FAILED by an exception; never raises over it."""
+    try:
+        kept = run.keep_uncreated("FAILED", reason)
+    except Exception:
+        log.exception("run %s: could not keep the records of a run never created", run.ref)
+        return
+    log.warning(
+        "run %s: the store did not create it; its records are kept in %s "
+        "(python -m sweeps.resend %s)",
+        run.ref,
+        kept,
+        kept,
+    )
 
 
 def _end_quietly(run: Run, status: str, reason: str) -> None:
