@@ -58,6 +58,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import importlib.metadata
 import inspect
 import itertools
 import os
@@ -1318,7 +1319,9 @@ def machine_lines(torch) -> list[str]:
         + (f" (env {env})" if env else ""),
         f"versions: python {platform.python_version()}, numpy {np.__version__}, torch "
         + (torch.__version__ if torch is not None else "not installed")
-        + (f" ({torch.get_num_threads()} threads, fused Adam)" if torch is not None else ""),
+        + (f" ({torch.get_num_threads()} threads, fused Adam)" if torch is not None else "")
+        + f", mlflow {importlib.metadata.version('mlflow')}, optuna "
+        + importlib.metadata.version("optuna"),
     ]
 
 
