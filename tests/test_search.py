@@ -567,11 +567,11 @@ def test_one_worker_starts_its_trials_writer_before_it_opens_the_parent_run(tmp_
     assert sorted(r.info.status for r in trials) == ["FINISHED", "FINISHED"]
 
 
-def test_pruning_prunes_trials_that_do_not_learn(tmp_path, mlflow_store):
-    """Half the trials get an lr of 1e-9 (stuck at chance); the median pruner stops them
-    after the first epoch once a learning trial has completed."""
+def _prune_case_args(name: str, storage: str, store: dict[str, str], study: str) -> list[str]:
+    """A study of 8 trials, 4 epochs, with the median pruner, where half the trials get an lr
+    of 1e-9 (stuck at chance): those are pruned once a learning trial has completed."""
     _register(
-        "prune_case",
+        name,
         {
             "lr": S.ParamConf(key="optimizer.lr", choices=[0.5, 1e-9]),
             "wd": S.ParamConf(key="weight_decay.strength", low=1e-9, high=1e-8, log=True),
@@ -579,10 +579,16 @@ def test_pruning_prunes_trials_that_do_not_learn(tmp_path, mlflow_store):
         [(8, "random")],
         ["weight_decay=l2"],
     )
-    storage = str(tmp_path / "journal.log")
-    args = tiny_args(storage, mlflow_store, study="prune", epochs=4)
+    args = tiny_args(storage, store, study=study, epochs=4)
     args = [a for a in args if not a.startswith(("search=", "search.rounds", "search.params"))]
-    assert main(["search=prune_case", *args, "pruner=median", "pruner.n_startup_trials=1"]) == 0
+    return [f"search={name}", *args, "pruner=median", "pruner.n_startup_trials=1"]
+
+
+def test_pruning_prunes_trials_that_do_not_learn(tmp_path, mlflow_store):
+    """Half the trials get an lr of 1e-9 (stuck at chance); the median pruner stops them
+    after the first epoch once a learning trial has completed."""
+    storage = str(tmp_path / "journal.log")
+    assert main(_prune_case_args("prune_case", storage, mlflow_store, "prune")) == 0
     trials = check_invariants(storage, mlflow_store, "prune", [8])
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
     assert pruned, "nothing was pruned"
@@ -905,19 +911,9 @@ def test_a_pruned_trials_refused_writes_are_sent_at_the_studys_end_with_its_stat
     left them out)."""
     from mlflow.exceptions import MlflowException
 
-    _register(
-        "prune_kept",
-        {
-            "lr": S.ParamConf(key="optimizer.lr", choices=[0.5, 1e-9]),
-            "wd": S.ParamConf(key="weight_decay.strength", low=1e-9, high=1e-8, log=True),
-        },
-        [(8, "random")],
-        ["weight_decay=l2"],
-    )
     monkeypatch.chdir(tmp_path)
     storage = str(tmp_path / "journal.log")
-    args = tiny_args(storage, mlflow_store, study="prunekept", epochs=4)
-    args = [a for a in args if not a.startswith(("search=", "search.rounds", "search.params"))]
+    args = _prune_case_args("prune_kept", storage, mlflow_store, "prunekept")
     real_apply = writer.Applier._apply
     numbers: dict[str, int] = {}  # token -> trial number
     refused: list[int] = []
@@ -940,7 +936,7 @@ def test_a_pruned_trials_refused_writes_are_sent_at_the_studys_end_with_its_stat
 
     _writes_in_this_process(monkeypatch, apply)
     monkeypatch.setattr(S.Search, "_runs_of", runs_of)
-    assert main(["search=prune_kept", *args, "pruner=median", "pruner.n_startup_trials=1"]) == 0
+    assert main(args) == 0
     assert len(refused) == 2, "no pruned trial"
     number = refused[0]
     trial = load_study(storage, "prunekept").trials[number]
@@ -968,19 +964,9 @@ def test_runs_the_store_never_created_are_kept_for_every_trial_state_and_sent_at
     ``sweeps.pruned`` and its curves up to the epoch it was pruned at."""
     from mlflow.exceptions import MlflowException
 
-    _register(
-        "prune_uncreated",
-        {
-            "lr": S.ParamConf(key="optimizer.lr", choices=[0.5, 1e-9]),
-            "wd": S.ParamConf(key="weight_decay.strength", low=1e-9, high=1e-8, log=True),
-        },
-        [(8, "random")],
-        ["weight_decay=l2"],
-    )
     monkeypatch.chdir(tmp_path)
     storage = str(tmp_path / "journal.log")
-    args = tiny_args(storage, mlflow_store, study="uncreated2", epochs=4)
-    args = [a for a in args if not a.startswith(("search=", "search.rounds", "search.params"))]
+    args = _prune_case_args("prune_uncreated", storage, mlflow_store, "uncreated2")
     real_apply = writer.Applier._apply
     created: list[str] = []
 
@@ -992,7 +978,6 @@ def test_runs_the_store_never_created_are_kept_for_every_trial_state_and_sent_at
         return real_apply(self, op, args, kwargs)
 
     _writes_in_this_process(monkeypatch, apply)
-    args = ["search=prune_uncreated", *args, "pruner=median", "pruner.n_startup_trials=1"]
     assert main(args) == 0
     trials = check_invariants(storage, mlflow_store, "uncreated2", [8])
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
