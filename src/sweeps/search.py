@@ -1541,13 +1541,14 @@ class Search:
             if unsent:
                 reason = (
                     f"its store did not answer at its end; its records are kept in {unsent} "
-                    f"(python -m sweeps.resend {unsent} sends them and ends it FINISHED)"
+                    f"(python -m sweeps.resend {unsent} sends them and ends it FINISHED; so "
+                    "does the study's command, run again)"
                 )
             elif (kept := _kept_writes(run.info.run_id)) is not None:
                 reason = (
                     f"its trial ended ({state}, in the Optuna study) and the store refused some "
                     f"of its run's writes, kept in {kept} (python -m sweeps.resend {kept} "
-                    "sends them and ends the run)"
+                    "sends them and ends the run; so does the study's command, run again)"
                 )
             elif attrs.get(OUTCOME) in TOLD:
                 reason = (
