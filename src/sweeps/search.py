@@ -1439,10 +1439,9 @@ class Search:
         if not folders:
             return 0
         uri = tracking.portable_uri(self.cfg.mlflow.tracking_uri)
-        try:  # a tracking server that is down: at once, not through MLflow's retries
-            stores.check_reachable(uri, "MLflow tracking store", timeout=2.0)
-        except stores.StoreError as e:
-            log.warning("%sthe kept MLflow records stay kept: %s", self.label, e)
+        # a tracking server that is down: at once, not through MLflow's retries
+        if (down := stores.server_down(uri)) is not None:
+            log.warning("%sthe kept MLflow records stay kept: %s", self.label, down)
             return 0
         trials = {t.number: t for t in self.study.get_trials(deepcopy=False)}
         sent = 0
