@@ -244,18 +244,13 @@ def keep_unsent(
     try:
         folder = Path(HydraConfig.get().runtime.output_dir) / UNSENT
     except ValueError:  # not under Hydra (a direct call of execute)
-        # a stand-in (a run never created) names its worker's pid, which comes back
-        name = run.ref if run.uncreated is None else f"{run.ref}-{time.time_ns()}"
-        folder = Path(writer.UNSENT_ROOT) / name
+        folder = run.kept_folder()
     (folder / "model").mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text(tracking.config_yaml(resolved))
     (folder / "overrides.yaml").write_text(overrides_yaml(overrides))
     (folder / "history.csv").write_text(tracking.history_csv(history))
     np.savez(folder / "model" / "params.npz", allow_pickle=False, **model.state_dict())
-    uri = tracking.portable_uri(run.client.tracking_uri)  # resend may run from elsewhere
-    run_id = run.ref if run.uncreated is None else None  # resend creates it
-    unsent = {"run_id": run_id, "tracking_uri": uri, **run.unsent()}
-    writer.write_kept(folder, unsent)
+    writer.write_kept(folder, run.kept_record())
     return folder.resolve()
 
 

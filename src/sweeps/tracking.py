@@ -676,15 +676,8 @@ class Run:
         what it missed is kept for ``sweeps.resend``. A run handed to a writer process is
         first waited for: one the store did not create is not online either (its requests
         go to ``uncreated``)."""
-        deferred = isinstance(self.client, writer.DeferredClient)
-        if deferred and self._run_id is None and self.lost is None and self.uncreated is None:
-            try:
-                self.run_id  # noqa: B018
-            except RuntimeError as e:  # its writer's store refused to create it
-                self.lost, self._given_up = e, True
-                self.uncreated = self.client.refused(self.ref)
-                log.warning("run %s: %s", self.ref, first_line(e))
-                return False
+        if self._creation_refused_now():
+            return False
         if self.lost is None:
             return True
         if self._given_up:
@@ -705,23 +698,50 @@ class Run:
     def creation_refused(self) -> bool:
         """Whether this run, handed to a writer process, is one the store refused to create
         (its requests are then in ``uncreated``); waits for the writer's answer."""
-        deferred = isinstance(self.client, writer.DeferredClient)
-        if deferred and self._run_id is None and self.lost is None and self.uncreated is None:
-            self.online()
+        self._creation_refused_now()
         return self.uncreated is not None
+
+    def _creation_refused_now(self) -> bool:
+        """For a run handed to a writer process whose creation is not known yet: wait for
+        the writer's answer; True if the store refused to create it (``lost`` then holds
+        why, ``uncreated`` its requests). False for any other run."""
+        deferred = isinstance(self.client, writer.DeferredClient)
+        if not deferred or self._run_id is not None or self.lost is not None:
+            return False  # known already (a run never created has ``lost`` set)
+        try:
+            self.run_id  # noqa: B018
+        except RuntimeError as e:  # its writer's store refused to create it
+            self.lost, self._given_up = e, True
+            self.uncreated = self.client.refused(self.ref)
+            log.warning("run %s: %s", self.ref, first_line(e))
+            return True
+        return False
 
     def keep_uncreated(self, status: str, reason: str) -> Path:
         """Keep every record of a run the store never created, which ended ``status`` for
         ``reason`` (a pruned or failed search trial), in ``writer.UNSENT_ROOT`` for
         ``sweeps.resend`` (a study's launcher sends it once the store answers): the folder."""
-        folder = Path(writer.UNSENT_ROOT) / f"{self.ref}-{time.time_ns()}"
+        folder = self.kept_folder()
         folder.mkdir(parents=True, exist_ok=True)
-        unsent = self.unsent()
-        tags = {**unsent.pop("tags"), FAILURE_TAG: reason[:5000]}
-        uri = portable_uri(self.client.tracking_uri)
-        kept = {"run_id": None, "tracking_uri": uri, **unsent, "tags": tags, "status": status}
-        writer.write_kept(folder, kept)
+        kept = self.kept_record()
+        kept["tags"][FAILURE_TAG] = reason[:5000]
+        writer.write_kept(folder, {**kept, "status": status})
         return folder.resolve()
+
+    def kept_folder(self) -> Path:
+        """Where this run's records go when its store missed them, outside a Hydra run:
+        ``writer.UNSENT_ROOT`` / its id, or its stand-in and the time for a run never
+        created (a stand-in names its worker's pid, which comes back)."""
+        name = self.ref if self.uncreated is None else f"{self.ref}-{time.time_ns()}"
+        return Path(writer.UNSENT_ROOT) / name
+
+    def kept_record(self) -> dict[str, Any]:
+        """What ``sweeps.resend`` takes (``unsent.json``): the run's id (None for a run never
+        created: resend creates it), the store's URI (absolute: resend may run from
+        elsewhere) and what the store did not get (``unsent``)."""
+        run_id = self.ref if self.uncreated is None else None
+        uri = portable_uri(self.client.tracking_uri)
+        return {"run_id": run_id, "tracking_uri": uri, **self.unsent()}
 
     def send_last(self) -> bool:
         """Send the run's last records now: every buffered and held metric and the queued
