@@ -968,3 +968,22 @@ def test_a_tracking_server_that_went_down_is_lost_before_a_send_waits_for_it(mon
     assert "does not answer" in str(run.lost)  # the failure during training, kept
     server.health = True
     assert not run.online()  # given up: asked no more
+
+
+def test_dataset_inputs_from_shapes_are_what_the_arrays_give():
+    """A worker sends its writer a dataset's shapes and dtypes, not its arrays: MLflow's
+    record built from them is the one from_numpy makes of the arrays themselves."""
+    from mlflow.data.numpy_dataset import from_numpy
+    from mlflow.entities import DatasetInput, InputTag
+
+    rng = np.random.default_rng(0)
+    x, t = rng.random((7, 1, 3, 3), dtype=np.float32), rng.integers(0, 10, 7)
+    (made,) = tracking.dataset_inputs([tracking.DatasetSpec.of(x, t, "d", "0123abcd", "val")])
+    real = DatasetInput(
+        from_numpy(
+            x, source=tracking.dataset_source(), targets=t, name="d", digest="0123abcd"
+        )._to_mlflow_entity(),
+        tags=[InputTag("mlflow.data.context", "val")],
+    )
+    assert made.to_proto() == real.to_proto()
+    assert json.loads(made.dataset.profile)["features_nbytes"] == x.nbytes

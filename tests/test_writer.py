@@ -229,6 +229,57 @@ def test_deferred_writes_cannot_nest_for_one_store(mlflow_store):
         pass
 
 
+NO_MLFLOW_WORKER = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from sweeps import tracking, writer
+
+    uri, artifacts = sys.argv[1], sys.argv[2]
+    x, t = np.zeros((6, 4), np.float32), np.arange(6, dtype=np.int64)
+    with writer.deferred_writes(uri) as w:
+        with tracking.open_run(uri, "fresh", artifacts, run_name="lean", tags={"t": 1}) as run:
+            ready = w._ready
+            run.log_params({"lr": 0.1})
+            run.log_texts({"config.yaml": "lr: 0.1\\n"})
+            run.log_datasets([(x, t, "d-train", "abc123", "training")])
+            run.queue_metrics([("val/acc", 0.5, 1), ("val/acc", 0.75, 2)])
+            run.queue_tags({"late": "yes"})
+    print(run.run_id, ready, "mlflow" in sys.modules, flush=True)
+    """
+)
+
+
+def test_a_worker_that_has_not_imported_mlflow_never_does(mlflow_store, tmp_path):
+    """A search worker hands every write of its run to its helper from the start, before
+    the helper is ready, and builds no MLflow object itself: it never imports MLflow
+    (about 2 s of CPU a process). The helper creates the run in the experiment named
+    (new here), and everything arrives."""
+    script = tmp_path / "worker.py"
+    script.write_text(NO_MLFLOW_WORKER)
+    out = subprocess.run(
+        [sys.executable, str(script), mlflow_store["uri"], mlflow_store["artifacts"]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    run_id, ready, imported = out.stdout.split()
+    assert (ready, imported) == ("False", "False"), out.stderr
+    client = MlflowClient(mlflow_store["uri"])
+    r = client.get_run(run_id)
+    assert client.get_experiment(r.info.experiment_id).name == "fresh"
+    assert r.info.run_name == "lean" and r.info.status == "FINISHED"
+    assert r.data.params == {"lr": "0.1"}
+    assert r.data.tags["t"] == "1" and r.data.tags["late"] == "yes"
+    history = client.get_metric_history(run_id, "val/acc")
+    assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 0.75)]
+    (given,) = r.inputs.dataset_inputs
+    assert (given.dataset.name, given.dataset.digest) == ("d-train", "abc123")
+    assert json.loads(given.dataset.profile)["features_shape"] == [6, 4]
+    assert [f.path for f in client.list_artifacts(run_id)] == ["config.yaml"]
+
+
 WORKER = textwrap.dedent(
     """
     import os, signal, sys, time

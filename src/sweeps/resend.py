@@ -107,11 +107,23 @@ def _resend(folder: Path, kept: dict, tracking_uri: str | None) -> tuple[str, st
 
 
 def _create(client, kept: dict, folder: Path) -> str:
-    """Create the run a search trial's store refused to create, as its worker asked."""
+    """Create the run a search trial's store refused to create, as its worker asked: in
+    the experiment it named (created if need be, as the run would have), or by id."""
     create = kept["create"]
+    where = create.get("experiment_id") or repr(create.get("experiment_name"))
     try:
+        if "experiment_id" in create:
+            experiment_id = create["experiment_id"]
+        elif (exp := client.get_experiment_by_name(create["experiment_name"])) is not None and (
+            exp.lifecycle_stage == "active"
+        ):
+            experiment_id = exp.experiment_id  # wherever it keeps its artifacts
+        else:  # new, or deleted (which says how to restore it)
+            experiment_id = tracking.ensure_experiment(
+                client, create["experiment_name"], create["artifact_root"], client.tracking_uri
+            )
         run = client.create_run(
-            create["experiment_id"],
+            experiment_id,
             start_time=create.get("start_time"),
             tags=create.get("tags") or {},
             run_name=create.get("run_name"),
@@ -119,7 +131,7 @@ def _create(client, kept: dict, folder: Path) -> str:
     except Exception as e:
         raise stores.StoreError(
             f"could not create the run kept in {folder} in experiment "
-            f"{create['experiment_id']}: {tracking.first_line(e)}"
+            f"{where}: {tracking.first_line(e)}"
         ) from None
     return run.info.run_id
 

@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent import futures
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -247,6 +247,52 @@ def _source_tags() -> tuple[tuple[str, str], ...]:
     return tuple(tags.items())
 
 
+class DatasetSpec(NamedTuple):
+    """What MLflow records of a dataset given its digest (``dataset_inputs``): its name,
+    digest and context (training, validation), and its features' and targets' shape and
+    dtype (for the schema and the profile). A worker sends this to its writer process,
+    not the arrays."""
+
+    name: str
+    digest: str
+    context: str
+    features: tuple[tuple[int, ...], str]  # shape, dtype
+    targets: tuple[tuple[int, ...], str]
+
+    @classmethod
+    def of(cls, x: np.ndarray, t: np.ndarray, name: str, digest: str, context: str) -> DatasetSpec:
+        return cls(name, digest, context, (x.shape, x.dtype.str), (t.shape, t.dtype.str))
+
+
+def dataset_inputs(specs: Iterable[DatasetSpec]) -> list:
+    """MLflow's dataset inputs (``mlflow.data.from_numpy``) for ``specs``, as the arrays
+    themselves would give: from_numpy reads only their shapes and dtypes when the digest
+    is given, so it is handed arrays of that shape that hold a single value."""
+    # mlflow.data.from_numpy itself, from its own module: mlflow.data attaches it with
+    # setattr at import time, which mypy cannot see.
+    from mlflow.data.numpy_dataset import from_numpy
+    from mlflow.entities import DatasetInput, InputTag
+
+    def stand_in(shape: tuple[int, ...], dtype: str) -> np.ndarray:
+        one = np.zeros(1, dtype=np.dtype(dtype))
+        return np.lib.stride_tricks.as_strided(one, shape, (0,) * len(shape), writeable=False)
+
+    source = dataset_source()
+    return [
+        DatasetInput(
+            from_numpy(
+                stand_in(*s.features),
+                source=source,
+                targets=stand_in(*s.targets),
+                name=s.name,
+                digest=s.digest,
+            )._to_mlflow_entity(),
+            tags=[InputTag("mlflow.data.context", s.context)],
+        )
+        for s in specs
+    ]
+
+
 def local_store_paths(tracking_uri: str) -> None:
     """Make sure the folder of a local SQLite store exists."""
     db = sqlite_path(tracking_uri)
@@ -440,6 +486,12 @@ def portable_uri(uri: str) -> str:
     return f"sqlite:///{db.resolve()}" if db is not None and not db.is_absolute() else uri
 
 
+def portable_root(experiment: writer.ExperimentName) -> str:
+    """An experiment's local artifact root made absolute (a URI is left as it is)."""
+    root = experiment.artifact_root
+    return root if "://" in root else str(Path(root).resolve())
+
+
 def metric_dicts(rows: Iterable[tuple[str, float, int, int]]) -> list[dict[str, Any]]:
     """Metric rows (key, value, timestamp in ms, step) as a kept folder's JSON holds them."""
     keys = ("key", "value", "timestamp", "step")
@@ -451,26 +503,28 @@ def requests_kept(requests: Sequence[tuple[str, tuple, dict]]) -> dict[str, Any]
     creation included, for a run it never created: ``writer.StoreWriter.refused``), as
     ``sweeps.resend`` takes them: how to create it (``create``: experiment, start time,
     tags, name), its params, dataset inputs (as MLflow's JSON), metric rows (key, value,
-    ms, step), tags, text artifacts and the status it was to end with."""
+    ms, step), tags, text artifacts and the status it was to end with. Its experiment is
+    the one its worker named (``experiment_name`` and ``artifact_root``), or its id."""
     from google.protobuf.json_format import MessageToDict
 
     kept: dict[str, Any] = {"metrics": [], "tags": {}, "params": {}, "inputs": [], "texts": {}}
     for op, args, _ in requests:
         if op == "create_run":
-            _, experiment_id, start, tags, name = args
-            kept["create"] = {
-                "experiment_id": experiment_id,
-                "start_time": start,
-                "tags": tags,
-                "run_name": name,
-            }
+            _, experiment, start, tags, name = args
+            where = (
+                # the root absolute, as its worker meant it: resend may run from elsewhere
+                {"experiment_name": experiment.name, "artifact_root": portable_root(experiment)}
+                if isinstance(experiment, writer.ExperimentName)
+                else {"experiment_id": experiment}
+            )
+            kept["create"] = {**where, "start_time": start, "tags": tags, "run_name": name}
         elif op == "log_batch":
             _, metrics, params, tags = args
-            kept["metrics"] += [(m.key, m.value, m.timestamp, m.step) for m in metrics]
-            kept["params"].update({p.key: p.value for p in params})
-            kept["tags"].update({t.key: t.value for t in tags})
+            kept["metrics"] += [tuple(m) for m in metrics]
+            kept["params"].update(dict(params))
+            kept["tags"].update(dict(tags))
         elif op == "log_inputs":
-            kept["inputs"] += [MessageToDict(d.to_proto()) for d in args[1]]
+            kept["inputs"] += [MessageToDict(d.to_proto()) for d in dataset_inputs(args[1])]
         elif op == "log_texts":
             kept["texts"].update(args[1])
         elif op == "set_terminated":
@@ -554,11 +608,8 @@ class Run:
     # -- store calls
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-        self._log_batch(batch, (), ())
+        self._log_batch([(k, float(v), now, step or 0) for k, v in metrics.items()], (), ())
 
     def queue_metrics(self, metrics: Iterable[tuple[str, float, int]]) -> None:
         """Buffer (key, value, step) metrics, stamped now; send the buffer once
@@ -593,12 +644,10 @@ class Run:
         check before each send (``_answers``): one that went down is lost at once, instead
         of after MLflow's retries of the send, which training would wait for (about 4
         minutes). A final send that fails raises, with them still buffered."""
-        from mlflow.entities import Metric, RunTag
-
         if self.lost is not None and not final and not self._back():
             return
         buffered = self._metrics + (self._held if final else [])
-        tags = [RunTag(k, v) for k, v in self._tags.items()]
+        tags = list(self._tags.items())
         self._sent = time.monotonic()
         if not (buffered or tags):
             return
@@ -610,7 +659,7 @@ class Run:
             buffered = self._not_stored(buffered)
             self._resumed = False
         try:
-            self._log_batch([Metric(*m) for m in buffered], (), tags)
+            self._log_batch(buffered, (), tags)
         except Exception as e:
             if final or isinstance(self.client, writer.DeferredClient):
                 raise
@@ -776,12 +825,9 @@ class Run:
     def send_kept(self, kept: Mapping[str, Any]) -> None:
         """Send what ``unsent`` returned (its metrics with their own steps and timestamps,
         its tags), once the store answers again (``sweeps.resend``)."""
-        from mlflow.entities import Metric, RunTag
-
         rows = [(m["key"], m["value"], m["timestamp"], m["step"]) for m in kept["metrics"]]
         # an earlier send of these that failed part way left its first batches in the store
-        metrics = [Metric(*m) for m in self._not_stored(rows)]
-        self._log_batch(metrics, (), [RunTag(k, v) for k, v in kept["tags"].items()])
+        self._log_batch(self._not_stored(rows), (), list(kept["tags"].items()))
 
     def _not_stored(
         self, rows: Sequence[tuple[str, float, int, int]]
@@ -796,10 +842,20 @@ class Run:
             stored.update((key, m.step, m.timestamp) for m in history)
         return [r for r in rows if (r[0], r[3], r[2]) not in stored]
 
-    def _log_batch(self, metrics: Sequence, params: Sequence, tags: Sequence) -> None:
-        """As few log_batch calls as MLflow's limits allow (per call: 1000 metrics, 100
-        params, 100 tags, 1000 entities in all)."""
-        metrics, params, tags = list(metrics), list(params), list(tags)
+    def _log_batch(
+        self,
+        metrics: Iterable[tuple[str, float, int, int]],
+        params: Iterable[tuple[str, str]],
+        tags: Iterable[tuple[str, str]],
+    ) -> None:
+        """Log metric rows (key, value, timestamp in ms, step), params and tags (key, value)
+        in as few log_batch calls as MLflow's limits allow (per call: 1000 metrics, 100
+        params, 100 tags, 1000 entities in all). A writer process's client takes the rows
+        as they are (``writer.DeferredClient``); MLflow's own, its entities."""
+        if isinstance(self.client, writer.DeferredClient):
+            metrics, params, tags = list(metrics), list(params), list(tags)
+        else:
+            metrics, params, tags = writer.batch_entities(metrics, params, tags)
         while metrics or params or tags:
             p, params = params[:100], params[100:]
             t, tags = tags[:100], tags[100:]
@@ -809,14 +865,10 @@ class Run:
                 self.client.log_batch(self.ref, metrics=m, params=p, tags=t, synchronous=True)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        self._log_batch((), [Param(k, str(v)[:6000]) for k, v in params.items()], ())
+        self._log_batch((), [(k, str(v)[:6000]) for k, v in params.items()], ())
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        from mlflow.entities import RunTag
-
-        self._log_batch((), (), [RunTag(k, str(v)) for k, v in tags.items()])
+        self._log_batch((), (), [(k, str(v)) for k, v in tags.items()])
 
     def log_text(self, text: str, path: str) -> None:
         self.log_texts({path: text})
@@ -863,23 +915,12 @@ class Run:
         self, datasets: Iterable[tuple[np.ndarray, np.ndarray, str, str, str]]
     ) -> None:
         """Record (x, t, name, digest, context) datasets as the run's inputs, in one request."""
-        # mlflow.data.from_numpy itself, from its own module: mlflow.data attaches it with
-        # setattr at import time, which mypy cannot see.
-        from mlflow.data.numpy_dataset import from_numpy
-        from mlflow.entities import DatasetInput, InputTag
-
-        source = dataset_source()
-        inputs = [
-            DatasetInput(
-                from_numpy(
-                    x, source=source, targets=t, name=name, digest=digest
-                )._to_mlflow_entity(),
-                tags=[InputTag("mlflow.data.context", context)],
-            )
-            for x, t, name, digest, context in datasets
-        ]
+        specs = [DatasetSpec.of(*d) for d in datasets]
         with signals_held():
-            writer.log_inputs(self.client, self.ref, inputs)
+            if isinstance(self.client, writer.DeferredClient):  # its writer builds them
+                self.client.log_inputs(self.ref, specs)
+            else:
+                writer.log_inputs(self.client, self.ref, dataset_inputs(specs))
 
     def end(self, status: str) -> None:
         """End the run ``status``. Its id is known from here on (a deferred create is
@@ -936,21 +977,25 @@ def open_run(
     (``Run.lost``), is left RUNNING, without more calls to the store (each would wait
     through MLflow's retries, minutes): the next ``sweeps.run`` on this machine into this
     experiment ends it KILLED (``end_dead_runs``).
+
+    With deferred writes on (a search worker's), the run's writes go through its writer
+    process, which creates the run too, in the experiment named (its launcher checked it
+    before any work: ``check_recording``); this process then never opens the store.
     """
-    client = get_client(tracking_uri)
-    exp_id = ensure_experiment(client, experiment_name, artifact_root, tracking_uri)
     all_tags = dict(tags or {})
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run: Run | None = None
     str_tags = {k: str(v) for k, v in all_tags.items()}
-    # with deferred writes on (a search worker's), through its helper process, which
-    # creates the run too
-    writes = writer.deferred(client, tracking_uri)
+    writes = writer.deferred(tracking_uri)
+    if writes is None:
+        client = get_client(tracking_uri)
+        exp_id = ensure_experiment(client, experiment_name, artifact_root, tracking_uri)
     try:
         with signals_held():  # so that a run that exists is always ended below
-            if isinstance(writes, writer.DeferredClient):
-                run = Run(writes, writes.create_run(exp_id, tags=str_tags, run_name=run_name))
+            if writes is not None:
+                where = writer.ExperimentName(experiment_name, artifact_root)
+                run = Run(writes, writes.create_run(where, tags=str_tags, run_name=run_name))
             else:
                 mlrun = client.create_run(exp_id, run_name=run_name, tags=str_tags)
                 run = Run(client, mlrun.info.run_id, mlrun.info.artifact_uri)

@@ -12,8 +12,11 @@ stand-in (``TOKEN``) and learns its id from the helper's answer when it needs it
 (for its Optuna record), so it never waits for the store, which the helper may be holding
 while it writes the previous trial (a create_run in the trial measured 16 ms, 8 of them
 waiting; with the create and the config upload at the trial's start moved to the helper, a
-trial's MLflow calls went from 30 to 7 ms). The helper takes about 2.5 s to start; until
-then the trials write their runs themselves, so a short study does not wait for it.
+trial's MLflow calls went from 30 to 7 ms). The helper takes about 2.5 s to start. A worker
+that has not imported MLflow sends it its requests from the start and builds no MLflow
+object (the requests carry plain rows): it never imports MLflow itself, which took each
+process about 2 s of CPU. A process that has (a launcher running its trials itself) makes
+them itself until the helper is ready, so a short study does not wait for it.
 
 Nothing is lost and nothing is reordered: a request stays pending in the worker until the
 helper acknowledges it, and if the helper dies the worker makes the pending ones itself, in
@@ -42,7 +45,7 @@ import time
 from collections.abc import Iterator, Mapping
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sweeps import stores
 
@@ -66,6 +69,27 @@ def write_kept(folder: Path, kept: Mapping[str, Any]) -> None:
     tmp = folder / f".{UNSENT_FILE}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(kept) + "\n")
     os.replace(tmp, folder / UNSENT_FILE)
+
+
+class ExperimentName(NamedTuple):
+    """An experiment named for a deferred ``create_run``: the writer resolves it
+    (``tracking.ensure_experiment``), so that a worker need not open the store itself."""
+
+    name: str
+    artifact_root: str
+
+
+def batch_entities(metrics, params, tags) -> tuple[list, list, list]:
+    """A deferred ``log_batch``'s rows as MLflow's entities: metrics (key, value, timestamp
+    in ms, step), params and tags (key, value). Requests carry plain tuples, which a worker
+    builds without importing MLflow (about 2 s of CPU per process)."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    return (
+        [Metric(*m) for m in metrics],
+        [Param(*p) for p in params],
+        [RunTag(*t) for t in tags],
+    )
 
 
 def log_inputs(client, run_id: str, inputs: list, attempts: int = 3) -> None:
@@ -175,6 +199,11 @@ class Applier:
         ref = args[0]
         if op == "create_run":
             experiment_id, start_time, tags, run_name = args[1:]
+            if isinstance(experiment_id, ExperimentName):
+                from sweeps.tracking import ensure_experiment
+
+                name, root = experiment_id
+                experiment_id = ensure_experiment(self.client, name, root, self.client.tracking_uri)
             run = self.client.create_run(
                 experiment_id, start_time=start_time, tags=tags, run_name=run_name
             )
@@ -182,7 +211,9 @@ class Applier:
             return self.created[ref]
         run_id = self.run_id(ref)
         if op == "log_inputs":
-            log_inputs(self.client, run_id, *args[1:], **kwargs)
+            from sweeps.tracking import dataset_inputs
+
+            log_inputs(self.client, run_id, dataset_inputs(args[1]))
         elif op == "set_terminated":
             status, end_time = args[1], args[2]
             if status == "FINISHED" and ref in self.failed:
@@ -196,7 +227,8 @@ class Applier:
             self.failed.pop(ref, None)
             self.created.pop(ref, None)  # the run's last request
         elif op == "log_batch":
-            self.client.log_batch(run_id, *args[1:], synchronous=True, **kwargs)
+            metrics, params, tags = batch_entities(*args[1:])
+            self.client.log_batch(run_id, metrics, params, tags, synchronous=True)
         elif op == "log_texts":
             from mlflow.store.artifact.artifact_repository_registry import (
                 get_artifact_repository,
@@ -226,11 +258,17 @@ class Applier:
 class StoreWriter:
     """The worker's side: starts the helper, sends it requests, collects its answers.
 
-    The helper takes about 2.5 s to start (it imports MLflow and opens the store). Until it
-    says it is ready, and for a run that made a request before then, requests are made here
-    at once, as with ``trial_writes=inline``: a short study does not wait for it, and a run
-    is never split between two writers (its failed requests are known to the one that ends
-    it). ``wait_ready``: block until the helper is ready (tests)."""
+    The helper takes about 2.5 s to start (it imports MLflow and opens the store). In a
+    process that has imported MLflow already (a search's launcher, running its trials
+    itself), requests are made here at once until the helper says it is ready, and so are
+    those of a run that made a request before then, as with ``trial_writes=inline``: a
+    short study does not wait for it, and a run is never split between two writers (its
+    failed requests are known to the one that ends it). A process that has not (a search's
+    worker) sends them to the helper from the start, which makes them once it is ready: the
+    worker never imports MLflow, about 2 s of CPU, which four processes (two workers, their
+    helpers) spent at once on a two-core machine, unless the helper dies (its requests are
+    then made here) or the run needs the store itself (artifacts other than texts, reads).
+    ``wait_ready``: block until the helper is ready (tests)."""
 
     def __init__(self, tracking_uri: str, wait_ready: bool = False) -> None:
         self.tracking_uri = tracking_uri
@@ -307,7 +345,8 @@ class StoreWriter:
         """Have the store make ``op(*args, **kwargs)`` (see ``Applier.apply``)."""
         if not self._ready and not self._gone:
             self._collect(0.0)
-        if self._gone or not self._ready or args[0] in self._local_runs:
+        here_until_ready = not self._ready and "mlflow" in sys.modules
+        if self._gone or here_until_ready or args[0] in self._local_runs:
             if not self._gone:  # once it is gone, every request is made here anyway
                 self._local_runs.add(args[0])
             self._apply_here(op, args, kwargs)
@@ -339,7 +378,7 @@ class StoreWriter:
         helper still starting, which was sent nothing, is stopped. Interrupted meanwhile,
         the helper still makes every request it was sent."""
         try:
-            if not self._ready and not self._gone:
+            if not self._ready and not self._gone and not self._pending:
                 self.proc.kill()
             elif not self.drain(CLOSE_TIMEOUT):
                 log.warning(
@@ -453,18 +492,27 @@ class StoreWriter:
 
 class DeferredClient:
     """An ``MlflowClient`` whose run writes (``create_run``, ``log_batch``, ``log_inputs``,
-    ``set_terminated``) go to a ``StoreWriter``; every other attribute is the client's.
+    ``set_terminated``, ``log_texts``) go to a ``StoreWriter``; every other attribute is
+    the client's, which is opened (MLflow imported) only when one is first asked for.
     ``create_run`` returns the run's token, which the other writes take as its id;
-    ``created_run(token)`` gives the run's id and artifact URI."""
+    ``created_run(token)`` gives the run's id and artifact URI. The writes take plain
+    rows, not MLflow's entities (``batch_entities``, ``tracking.DatasetSpec``)."""
 
     def __init__(self, client, writer: StoreWriter) -> None:
-        self._client = client
+        self._client = client  # None: opened when first needed
         self._writer = writer
+        self.tracking_uri = writer.tracking_uri
 
     def __getattr__(self, name: str) -> Any:
+        if self._client is None:
+            from sweeps.tracking import get_client
+
+            self._client = get_client(self.tracking_uri)
         return getattr(self._client, name)
 
-    def create_run(self, experiment_id, start_time=None, tags=None, run_name=None) -> str:
+    def create_run(
+        self, experiment_id: str | ExperimentName, start_time=None, tags=None, run_name=None
+    ) -> str:
         token = self._writer.new_token()
         start = start_time if start_time is not None else int(time.time() * 1000)  # now
         self._writer.call("create_run", token, experiment_id, start, dict(tags or {}), run_name)
@@ -534,10 +582,11 @@ def deferred_writes(tracking_uri: str) -> Iterator[StoreWriter]:
         writer.close()
 
 
-def deferred(client, tracking_uri: str):
-    """``client``, or a ``DeferredClient`` over it while deferred writes to its store are on."""
+def deferred(tracking_uri: str) -> DeferredClient | None:
+    """A ``DeferredClient`` for ``tracking_uri`` while deferred writes to it are on; else
+    None. Its own client is opened only if asked for (see ``DeferredClient``)."""
     writer = _writers.get(tracking_uri)
-    return client if writer is None else DeferredClient(client, writer)
+    return None if writer is None else DeferredClient(None, writer)
 
 
 def drain_all(timeout: float | None = None) -> None:
@@ -582,4 +631,8 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    raise SystemExit(main())
+    # sweeps.writer's own main, not this __main__ copy's: requests are unpickled as
+    # instances of sweeps.writer's classes (ExperimentName), which the copy's would not match
+    from sweeps.writer import main as writer_main
+
+    raise SystemExit(writer_main())
