@@ -29,7 +29,7 @@ from search_helpers import (
     wait_for,
 )
 from sweeps import search as S
-from sweeps import writer
+from sweeps import tracking, writer
 from sweeps.optuna_search import load_config, main, split_overrides
 from sweeps.stores import StoreError
 from sweeps.writer import StoreWriter
@@ -762,6 +762,60 @@ def test_an_inline_trial_whose_store_fails_at_its_end_is_complete_and_kept_for_r
     assert "sweeps.failure" not in run.data.tags
     assert run.data.metrics["val/acc"] == trials[0].value
     assert resend.main([str(kept)]) == 2  # sent already: nothing twice
+
+
+def test_a_tracking_store_down_at_the_studys_end_is_not_asked_again_until_the_rerun(
+    tmp_path, mlflow_store, monkeypatch, capsys
+):
+    """The tracking store stops answering by the study's end (a tracking server that went
+    down and stays down): the launcher asks it nothing more. Each call would wait through
+    MLflow's retries: measured by hand, one reconcile call waited minutes. It says what
+    it left undone (the runs' check, the retrain, the parent run's results) and exits 1.
+    The same command run again once the store answers does all of it."""
+    monkeypatch.chdir(tmp_path)
+    storage = str(tmp_path / "journal.log")
+    args = tiny_args(storage, mlflow_store, study="gone", rounds=[(2, "random")])
+    args = [a for a in args if a != "evaluate_best=false"] + ["best_seeds=1"]
+    down = [StoreError("the MLflow tracking store at http://127.0.0.1:1 does not answer")]
+    monkeypatch.setattr(S.Search, "tracking_down", lambda self: down[0])
+    asked: list[str] = []
+    real_work = S.Search.work
+
+    class Unanswered:  # what the launcher's client and any new one are, once the trials end
+        def __getattr__(self, name):
+            asked.append(name)
+            raise ConnectionError("the store does not answer")
+
+    def work(self, *a, **k):
+        result = real_work(self, *a, **k)
+        if down[0] is not None:
+            monkeypatch.setattr(S.Search, "client", lambda self: Unanswered())
+            monkeypatch.setattr(tracking, "get_client", lambda uri: Unanswered())
+        return result
+
+    monkeypatch.setattr(S.Search, "work", work)
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "does not answer" in err and "the best configuration was not retrained" in err
+    assert "Once the store answers, run the same command again" in err
+    assert asked == []
+    trials = load_study(storage, "gone").trials
+    assert [S.outcome_of(t) for t in trials] == ["complete"] * 2
+    parent_id = load_study(storage, "gone").user_attrs[S.PARENT_RUN]
+    parent = MlflowClient(mlflow_store["uri"]).get_run(parent_id)
+    assert parent.info.status == "RUNNING" and "best/val_acc" not in parent.data.metrics
+
+    down[0] = None
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 0
+    runs = mlflow_runs(mlflow_store, "gone")
+    parent = MlflowClient(mlflow_store["uri"]).get_run(parent_id)
+    assert parent.info.status == "FINISHED" and "best/val_acc" in parent.data.metrics
+    assert [r.data.tags.get("sweeps.role") for r in runs].count("best-test") == 1
+    trial_runs = [r for r in runs if r.data.tags.get("sweeps.role") == "trial"]
+    assert len(trial_runs) == 2
+    assert all(r.info.status == "FINISHED" for r in trial_runs)
 
 
 def _writes_in_this_process(monkeypatch, apply) -> None:

@@ -493,6 +493,24 @@ def _print_kept(sent: int) -> None:
         )
 
 
+def tracking_down_message(
+    search: S.Search, parent: str | None, down: Exception, retrain: bool
+) -> str:
+    """What a study whose tracking store stopped answering by its end left undone, and how
+    to finish it."""
+    skipped = ["its trials' runs were not checked against their trials"]
+    if retrain:
+        skipped.append("the best configuration was not retrained")
+    if parent is not None:
+        skipped.append(f"its parent run {parent} holds no results and stays RUNNING")
+    return (
+        f"the study's trials are done, but {down}: "
+        + "; ".join(skipped)
+        + ". Once the store answers, run the same command again: it sends the kept records, "
+        "ends each trial's run as its trial ended, retrains and logs the results"
+    )
+
+
 def compare_command(search: S.Search) -> str:
     """The ``sweeps.compare`` command that reads the best configuration's seed runs back."""
     m = search.cfg.mlflow
@@ -632,17 +650,27 @@ def study_main(search: S.Search, argv: Sequence[str], start: float, resumed: boo
                 "rerun the same command to resume"
             )
     progress.close()
+    # A tracking store that stopped answering is not asked again below: each call would
+    # wait through MLflow's retries (about 2 minutes for each of a dozen calls).
+    down = search.tracking_down()
     with S._signals_ignored():
         # no trial runs in this process any more
         search.locked(lambda: search.fail_stale(include_own=True), "failing its own trials")
-        sent = search.send_kept()
-        search.reconcile_runs()
+        sent = 0
+        if down is None:
+            sent = search.send_kept()
+            search.reconcile_runs()
         report = search.report()
     print("\n" + report.text(cfg.report_top), flush=True)
     if search.tracking:
         _print_kept(sent)
     best_test = None
-    if code == 0 and report.complete and cfg.evaluate_best and report.best is not None:
+    if down is not None:
+        retrain = code == 0 and report.complete and cfg.evaluate_best and report.best is not None
+        note = tracking_down_message(search, parent, down, retrain)
+        message = f"{message}\n{note}" if message else note
+        code = code or 1
+    elif code == 0 and report.complete and cfg.evaluate_best and report.best is not None:
         try:
             best_test = evaluate_best(search, report, parent)
         except KeyboardInterrupt:
@@ -671,8 +699,9 @@ def study_main(search: S.Search, argv: Sequence[str], start: float, resumed: boo
             "the study is not complete (did a worker crash?); rerun the same command to resume"
         )
     elapsed = time.monotonic() - start
-    log_results(search, parent, report, best_test, elapsed)
-    if parent is not None:
+    if down is None:
+        log_results(search, parent, report, best_test, elapsed)
+    if parent is not None and down is None:
         try:
             search.client().set_terminated(parent, status=status)
         except Exception as e:

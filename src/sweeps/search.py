@@ -1423,6 +1423,16 @@ class Search:
         except Exception as e:
             log.warning("could not end the MLflow run of trial %d: %s", number, e)
 
+    def tracking_down(self) -> stores.StoreError | None:
+        """Why this study's tracking store does not answer now (a tracking server's health
+        check, a database server's connection: 2 s at most), or None: it answers, or the
+        study is not tracked."""
+        if not self.tracking:
+            return None
+        from sweeps import tracking
+
+        return stores.server_down(tracking.portable_uri(self.cfg.mlflow.tracking_uri))
+
     def send_kept(self) -> int:
         """Send this study's MLflow records that a store refused and this machine's workers
         kept (in ``writer.UNSENT_ROOT`` under the working directory: a trial's run never
