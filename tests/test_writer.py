@@ -277,6 +277,8 @@ def test_a_worker_that_has_not_imported_mlflow_never_does(mlflow_store, tmp_path
     (given,) = r.inputs.dataset_inputs
     assert (given.dataset.name, given.dataset.digest) == ("d-train", "abc123")
     assert json.loads(given.dataset.profile)["features_shape"] == [6, 4]
+    source = json.loads(given.dataset.source)["tags"]  # the worker's command, not its writer's
+    assert source["mlflow.source.name"] == str(script)
     assert [f.path for f in client.list_artifacts(run_id)] == ["config.yaml"]
 
 

@@ -221,20 +221,21 @@ def _git_state(where: Path) -> dict[str, str]:
         return {"git_commit": "unknown", "git_dirty": "unknown"}
 
 
-def dataset_source():
+def dataset_source(tags: Iterable[tuple[str, str]] | None = None):
     """The source recorded with a run's datasets: what ``mlflow.data.from_numpy`` records by
-    default (the command, the user, the commit), built once per process. Left to itself,
-    from_numpy runs MLflow's run-context providers for every dataset, which open the
-    checkout with GitPython: 2 ms a dataset, 260 ms for the first, and a Ctrl-C that landed
-    in a GitPython ``Repo.__del__`` was swallowed there ("Exception ignored in"), so the run
-    trained on."""
+    default (the command, the user, the commit: ``source_tags``, this process's unless
+    given). Left to itself, from_numpy runs MLflow's run-context providers for every
+    dataset, which open the checkout with GitPython: 2 ms a dataset, 260 ms for the first,
+    and a Ctrl-C that landed in a GitPython ``Repo.__del__`` was swallowed there
+    ("Exception ignored in"), so the run trained on."""
     from mlflow.data.code_dataset_source import CodeDatasetSource
 
-    return CodeDatasetSource(dict(_source_tags()))
+    return CodeDatasetSource(dict(source_tags() if tags is None else tags))
 
 
 @functools.cache
-def _source_tags() -> tuple[tuple[str, str], ...]:
+def source_tags() -> tuple[tuple[str, str], ...]:
+    """This process's command, user and commit, as MLflow tags (built once)."""
     tags = {
         "mlflow.source.name": os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else "",
         "mlflow.source.type": "LOCAL",
@@ -249,19 +250,22 @@ def _source_tags() -> tuple[tuple[str, str], ...]:
 
 class DatasetSpec(NamedTuple):
     """What MLflow records of a dataset given its digest (``dataset_inputs``): its name,
-    digest and context (training, validation), and its features' and targets' shape and
-    dtype (for the schema and the profile). A worker sends this to its writer process,
-    not the arrays."""
+    digest and context (training, validation), its features' and targets' shape and dtype
+    (for the schema and the profile), and its source (``dataset_source``: this process's
+    command, user and commit). A worker sends this to its writer process, not the arrays;
+    the source is the worker's, not the writer's."""
 
     name: str
     digest: str
     context: str
     features: tuple[tuple[int, ...], str]  # shape, dtype
     targets: tuple[tuple[int, ...], str]
+    source: tuple[tuple[str, str], ...]
 
     @classmethod
     def of(cls, x: np.ndarray, t: np.ndarray, name: str, digest: str, context: str) -> DatasetSpec:
-        return cls(name, digest, context, (x.shape, x.dtype.str), (t.shape, t.dtype.str))
+        shapes = (x.shape, x.dtype.str), (t.shape, t.dtype.str)
+        return cls(name, digest, context, *shapes, source_tags())
 
 
 def dataset_inputs(specs: Iterable[DatasetSpec]) -> list:
@@ -277,12 +281,11 @@ def dataset_inputs(specs: Iterable[DatasetSpec]) -> list:
         one = np.zeros(1, dtype=np.dtype(dtype))
         return np.lib.stride_tricks.as_strided(one, shape, (0,) * len(shape), writeable=False)
 
-    source = dataset_source()
     return [
         DatasetInput(
             from_numpy(
                 stand_in(*s.features),
-                source=source,
+                source=dataset_source(s.source),
                 targets=stand_in(*s.targets),
                 name=s.name,
                 digest=s.digest,
