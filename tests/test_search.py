@@ -957,12 +957,12 @@ def test_writes_the_store_refused_for_a_created_run_are_kept_for_resend(
 def test_a_pruned_trials_refused_writes_are_sent_at_the_studys_end_with_its_state(
     tmp_path, mlflow_store, monkeypatch
 ):
-    """trial_writes=process: the store refuses the first pruned trial's run end (FAILED
-    with TrialPruned, as open_run ends it), and then the worker's own update of that run
-    (KILLED, ``trial_state=PRUNED``, ``sweeps.pruned``): an outage. The store answers by
-    the study's end, which sends the kept writes: the run ends KILLED, as its worker meant,
-    with the tags the worker could not set. Before, they were missing (and a resend by hand
-    left them out)."""
+    """trial_writes=process: a pruned trial's run ends KILLED with ``trial_state=PRUNED``
+    and its reason in ``sweeps.pruned``, in the requests that end it (``trial_run_end``):
+    its worker never reads the store back to settle it. The store refuses those requests
+    for the first pruned trial (an outage); it answers by the study's end, which sends the
+    kept writes: the run ends as its worker meant. Before, the worker waited for its writer
+    and read every pruned trial's run back, and the tags of a refused one were missing."""
     from mlflow.exceptions import MlflowException
 
     monkeypatch.chdir(tmp_path)
@@ -970,41 +970,47 @@ def test_a_pruned_trials_refused_writes_are_sent_at_the_studys_end_with_its_stat
     args = _prune_case_args("prune_kept", storage, mlflow_store, "prunekept")
     real_apply = writer.Applier._apply
     numbers: dict[str, int] = {}  # token -> trial number
-    refused: list[int] = []
+    refused: list[str] = []  # the token of the run whose end the store refused
 
     def apply(self, op, args, kwargs):
         if op == "create_run":
             numbers[args[0]] = int(args[3]["trial_number"])
-        elif op == "set_terminated" and args[1] == "FAILED" and not refused:  # pruned
-            refused.append(numbers[args[0]])
+        elif op == "log_batch" and ("trial_state", "PRUNED") in args[3] and not refused:
+            refused.append(args[0])
+        if refused and args[0] == refused[0] and op in ("log_batch", "set_terminated"):
             raise MlflowException("API request to ... failed: Max retries exceeded")
         return real_apply(self, op, args, kwargs)
 
-    real_runs_of = S.Search._runs_of
+    read_back: list[int] = []
 
     def runs_of(self, number):
-        if refused == [number]:  # the worker's own update of that run, right after
-            refused.append(-1)
-            raise MlflowException("API request to .../runs/search failed: Max retries exceeded")
-        return real_runs_of(self, number)
+        read_back.append(number)
+        raise AssertionError("a pruned trial's run was read back")
 
     _writes_in_this_process(monkeypatch, apply)
     monkeypatch.setattr(S.Search, "_runs_of", runs_of)
     assert main(args) == 0
-    assert len(refused) == 2, "no pruned trial"
-    number = refused[0]
-    trial = load_study(storage, "prunekept").trials[number]
-    assert trial.state == TrialState.PRUNED
-    (run,) = [
-        r
+    assert refused, "no pruned trial"
+    assert read_back == []
+    number = numbers[refused[0]]
+    trials = load_study(storage, "prunekept").trials
+    assert trials[number].state == TrialState.PRUNED
+    runs = {
+        r.data.tags["trial_number"]: r
         for r in mlflow_runs(mlflow_store, "prunekept")
-        if r.data.tags.get("trial_number") == str(number)
-    ]
-    assert run.info.status == "KILLED" and run.data.tags["trial_state"] == "PRUNED"
-    assert "sweeps.failure" not in run.data.tags
-    assert run.data.tags["sweeps.pruned"] == trial.user_attrs[S.REASON]
-    assert "pruned at epoch" in run.data.tags["sweeps.pruned"]
-    assert (tmp_path / "mlruns" / "unsent" / run.info.run_id / "sent.json").is_file()
+        if "trial_number" in r.data.tags
+    }
+    for t in trials:
+        if t.state != TrialState.PRUNED:
+            continue
+        run = runs[str(t.number)]
+        assert run.info.run_id == t.user_attrs[S.RUN_ID]
+        assert run.info.status == "KILLED" and run.data.tags["trial_state"] == "PRUNED"
+        assert "sweeps.failure" not in run.data.tags
+        assert run.data.tags["sweeps.pruned"] == t.user_attrs[S.REASON]
+        assert "pruned at epoch" in run.data.tags["sweeps.pruned"]
+    kept = tmp_path / "mlruns" / "unsent" / runs[str(number)].info.run_id
+    assert (kept / "sent.json").is_file()
 
 
 def test_runs_the_store_never_created_are_kept_for_every_trial_state_and_sent_at_the_end(

@@ -14,7 +14,7 @@ import hashlib
 import logging
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -110,11 +110,13 @@ def execute(
     evaluate_test: bool = True,
     progress: bool = True,
     end_tags: Mapping[str, Any] | None = None,
+    run_ends: Callable[[BaseException], tracking.RunEnd | None] | None = None,
 ) -> Outcome:
     """Train one configuration and record it. ``resolved`` is the resolved config as plain
     containers (for params and config.yaml). ``end_tags`` are set with the last metrics when
     training and evaluation succeed (a search trial's ``trial_state``). Exceptions propagate
-    after the run is marked FAILED or KILLED."""
+    after the run is marked FAILED or KILLED, or as ``run_ends`` says (``tracking.open_run``'s
+    ``ends``: a search trial's pruning or failure)."""
     from sweeps.experiment import load_splits
 
     m = cfg.mlflow
@@ -136,6 +138,7 @@ def execute(
             run_name=m.run_name,
             tags=tags,
             parent_run_id=parent_run_id,
+            ends=run_ends,
         )
     else:
         ctx = _null_context()

@@ -955,6 +955,26 @@ class NullRun:
         return lambda *args, **kwargs: None
 
 
+class RunEnd(NamedTuple):
+    """How an exception ends a run, in place of ``open_run``'s FAILED or KILLED with the
+    reason in ``sweeps.failure``: ``status``, ``tags`` set with the end, the tag that takes
+    the reason, and the reason if not ``open_run``'s (a search trial's: ``trial_state``; a
+    pruned trial's own message, in ``sweeps.pruned``)."""
+
+    status: str
+    tags: Mapping[str, str]
+    reason_tag: str = FAILURE_TAG
+    reason: str | None = None
+
+
+ENDED_RUN = "sweeps_ended_run"  # the exception attribute that names the run it ended
+
+
+def ended_run(e: BaseException) -> str | None:
+    """The id of the run ``open_run`` ended as its ``ends`` said for ``e``, if it did."""
+    return getattr(e, ENDED_RUN, None)
+
+
 @contextlib.contextmanager
 def open_run(
     tracking_uri: str,
@@ -964,6 +984,7 @@ def open_run(
     run_name: str | None = None,
     tags: Mapping[str, Any] | None = None,
     parent_run_id: str | None = None,
+    ends: Callable[[BaseException], RunEnd | None] | None = None,
 ) -> Iterator[Run]:
     """Start a run and end it truthfully.
 
@@ -980,6 +1001,10 @@ def open_run(
     (``Run.lost``), is left RUNNING, without more calls to the store (each would wait
     through MLflow's retries, minutes): the next ``sweeps.run`` on this machine into this
     experiment ends it KILLED (``end_dead_runs``).
+
+    ``ends`` may say how an exception ends the run instead (``RunEnd``): a search trial's
+    run then ends with its trial's state, in the requests that end it, and the exception
+    names the run (``ended_run``): its worker need not read the run back to settle it.
 
     With deferred writes on (a search worker's), the run's writes go through its writer
     process, which creates the run too, in the experiment named (its launcher checked it
@@ -1025,14 +1050,15 @@ def open_run(
             )
         elif run is not None and isinstance(e, KeyboardInterrupt):
             run.cancel_background()
-            _end_quietly(run, "KILLED", f"interrupted: {type(e).__name__} {e}".strip())
+            reason = f"interrupted: {type(e).__name__} {e}".strip()
+            _end_as(run, e, RunEnd("KILLED", {}), reason, ends)
         elif run is not None:
             with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: stop waiting, end the run
                 if not run.wait_background(BACKGROUND_GRACE):
                     log.warning("run %s: artifacts still pending were dropped", run.ref)
             run.cancel_background()
             reason = str(e) if isinstance(e, DivergedError) else f"{type(e).__name__}: {e}"
-            _end_quietly(run, "FAILED", reason)
+            _end_as(run, e, RunEnd("FAILED", {}), reason, ends)
         raise
     else:
         assert run is not None
@@ -1078,23 +1104,44 @@ def _keep_quietly(run: Run, reason: str) -> None:
     )
 
 
-def _end_quietly(run: Run, status: str, reason: str) -> None:
-    """Send the buffered metrics, record the reason and the end status; never mask the
-    original exception."""
+def _end_as(
+    run: Run,
+    e: BaseException,
+    default: RunEnd,
+    reason: str,
+    ends: Callable[[BaseException], RunEnd | None] | None,
+) -> None:
+    """End ``run``, which ``e`` stopped, as ``ends`` says (naming the run on ``e`` once it
+    is ended: ``ended_run``), else as ``default``; never masks ``e``."""
+    end = None
+    if ends is not None:
+        try:
+            end = ends(e)
+        except Exception:
+            log.exception("run %s: could not tell how to end it", run.ref)
+    if _end_quietly(run, end or default, reason) and end is not None:
+        with contextlib.suppress(Exception):
+            setattr(e, ENDED_RUN, run.run_id)  # known once ended
+
+
+def _end_quietly(run: Run, end: RunEnd, reason: str) -> bool:
+    """Send the buffered metrics, record the reason and ``end``'s tags, and end the run
+    ``end.status``; never mask the original exception. True once the run is ended."""
     # A second Ctrl-C while we record must not leave the run RUNNING.
     with contextlib.suppress(Exception, KeyboardInterrupt):
         run.flush_metrics(final=True)
     with contextlib.suppress(Exception, KeyboardInterrupt):
-        run.set_tags({FAILURE_TAG: reason[:5000]})
+        run.set_tags({**end.tags, end.reason_tag: (end.reason or reason)[:5000]})
     for _ in range(3):
         try:
-            run.end(status)
-            return
+            run.end(end.status)
+            return True
         except KeyboardInterrupt:
             continue
         except Exception:  # the store is unreachable: nothing more we can do
-            log.exception("could not mark MLflow run %s as %s", run.ref, status)
-            return
+            log.exception("could not mark MLflow run %s as %s", run.ref, end.status)
+            return False
+    return False
 
 
 DETAIL = ("act/", "time/", "iteration")  # metric-name prefixes of the detail metrics
