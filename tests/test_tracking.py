@@ -987,3 +987,36 @@ def test_dataset_inputs_from_shapes_are_what_the_arrays_give():
     )
     assert made.to_proto() == real.to_proto()
     assert json.loads(made.dataset.profile)["features_nbytes"] == x.nbytes
+
+
+def test_resend_creates_a_run_in_the_experiment_its_worker_named(mlflow_store, tmp_path):
+    """A worker names its run's experiment (``writer.ExperimentName``), not its id: a kept
+    run never created is created by resend in that experiment, whatever its id, and in a
+    new one of that name, with artifacts under the root kept, if the store has none (a
+    store other than the one the worker wrote to)."""
+    client = MlflowClient(mlflow_store["uri"])
+    client.create_experiment("other")  # ids shift: the name, not a number, finds it
+    exp = client.create_experiment("named", artifact_location=mlflow_store["artifacts"])
+    root = tmp_path / "elsewhere"
+    for name in ("named", "new"):
+        kept = {
+            "run_id": None,
+            "tracking_uri": mlflow_store["uri"],
+            "create": {
+                "experiment_name": name,
+                "artifact_root": str(root),
+                "tags": {"trial_number": "0"},
+                "run_name": f"in-{name}",
+            },
+            "metrics": [{"key": "val/acc", "value": 0.5, "timestamp": 1_000, "step": 1}],
+            "tags": {},
+        }
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "unsent.json").write_text(json.dumps(kept))
+        run_id, status = resend.resend(tmp_path / name)
+        run = client.get_run(run_id)
+        assert status == "FINISHED" and run.info.run_name == f"in-{name}"
+        experiment = client.get_experiment(run.info.experiment_id)
+        assert experiment.name == name
+    assert client.get_experiment_by_name("named").experiment_id == exp
+    assert client.get_experiment_by_name("new").artifact_location == root.as_uri()
