@@ -129,6 +129,15 @@ def test_a_tracking_server_that_does_not_answer_is_an_error_in_seconds():
     assert time.monotonic() - start < stores.CONNECT_TIMEOUT
     assert str(e.value).startswith(f"the MLflow tracking store at {url} does not answer (")
     assert "refused" in str(e.value)
+    port = url.rsplit(":", 1)[1]  # how to start one there, at its own port
+    assert f"start it (mlflow server --host 127.0.0.1 --port {port} " in str(e.value)
+
+
+def test_a_remote_tracking_server_that_does_not_answer_is_not_told_to_start_here():
+    """A server on another machine: the error says to check it, not how to start one."""
+    hint = stores._start_hint("https://tracking.internal:8443/mlflow")
+    assert hint.startswith("check that it runs and that this machine reaches tracking.internal")
+    assert "mlflow server" not in hint
 
 
 def test_a_listening_server_that_never_answers_fails_after_the_timeout():

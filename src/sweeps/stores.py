@@ -18,6 +18,7 @@ import ssl
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -183,10 +184,25 @@ def _check_http(uri: str, where: str, timeout: float) -> None:
         reason: object = e.reason
     except (OSError, ValueError) as e:  # a timeout, a reset; a malformed URL
         reason = e
-    raise StoreError(
-        f"{where} does not answer ({reason}); start it (mlflow server "
-        "--port 5000 --backend-store-uri sqlite:///mlruns/mlflow.db) or use a store that "
-        "runs"
+    raise StoreError(f"{where} does not answer ({reason}); {_start_hint(uri)}")
+
+
+def _start_hint(uri: str) -> str:
+    """What to do about a tracking server that does not answer: on this machine, the
+    command that starts one at that address; elsewhere, check that it runs."""
+    parts = urllib.parse.urlsplit(uri)
+    host = parts.hostname or ""
+    if host in ("localhost", "127.0.0.1", "::1"):
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:  # a malformed port: MLflow's default
+            port = 5000
+        return (
+            f"start it (mlflow server --host {host} --port {port} --backend-store-uri "
+            "sqlite:///mlruns/mlflow.db) or use a store that runs"
+        )
+    return (
+        f"check that it runs and that this machine reaches {host or uri}, or use a store that runs"
     )
 
 
