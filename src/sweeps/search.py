@@ -1109,10 +1109,10 @@ def compose_trial(overrides: Sequence[str]):
 
 
 def trial_run_end(e: BaseException):
-    """How an exception ends a search trial's run (``tracking.open_run``'s ``ends``), as
-    ``Search._finish_run`` would settle it: a pruned trial's KILLED with its reason in
-    ``sweeps.pruned``, an interrupted one KILLED, a failed one FAILED; each with its
-    ``trial_state``."""
+    """How an exception ends a search trial's run: in the requests that end it
+    (``tracking.open_run``'s ``ends``), or afterwards (``Search._finish_run``): a pruned
+    trial's KILLED with its reason in ``sweeps.pruned``, an interrupted one KILLED, a
+    failed one FAILED; each with its ``trial_state``."""
     import optuna
 
     from sweeps.tracking import RunEnd
@@ -2036,7 +2036,7 @@ class Search:
             trial.set_user_attr(UNSENT, str(e.kept))
             outcome = e.outcome
         except optuna.TrialPruned as e:
-            self._finish_run(trial, "PRUNED", str(e), status="KILLED", ended=e)
+            self._finish_run(trial, str(e), e)
             trial.set_user_attr(OUTCOME, "pruned")
             trial.set_user_attr(REASON, str(e))
             self._tell(trial, state=TrialState.PRUNED)
@@ -2046,7 +2046,7 @@ class Search:
                 reason = f"interrupted: {type(e).__name__} {e}".strip()
                 trial.set_user_attr(OUTCOME, "interrupted")
                 trial.set_user_attr(REASON, reason)
-                self._finish_run(trial, "FAIL", reason, status="KILLED", ended=e)
+                self._finish_run(trial, reason, e)
                 self._tell(trial, state=TrialState.FAIL)
             raise
         except Exception as e:
@@ -2054,7 +2054,7 @@ class Search:
             log.warning("trial %d failed: %s", number, reason)
             trial.set_user_attr(OUTCOME, "failed")
             trial.set_user_attr(REASON, reason[:2000])
-            self._finish_run(trial, "FAIL", reason, status="FAILED", ended=e)
+            self._finish_run(trial, reason, e)
             self._tell(trial, state=TrialState.FAIL)
             return "failed"
         finally:
@@ -2066,21 +2066,21 @@ class Search:
         self._tell(trial, values=value)
         return "complete"
 
-    def _finish_run(
-        self, trial, state: str, reason: str, status: str, ended: BaseException | None = None
-    ) -> None:
-        """Give a trial's (already ended) run its final status and ``trial_state`` tag. A
-        run that the exception ``ended`` ended so already (``trial_run_end``) is only named
-        in the trial: a worker whose writer process makes its requests then neither waits
-        for it nor reads the store (nor imports MLflow: about 2 s of CPU, and 40 ms and a
-        wait for the writer each pruned trial, measured)."""
+    def _finish_run(self, trial, reason: str, ended: BaseException) -> None:
+        """Give the run of a trial that ``ended`` stopped (its run already ended) the status
+        and ``trial_state`` that ``trial_run_end`` gives it. A run that ``open_run`` ended so
+        already is only named in the trial: a worker whose writer process makes its requests
+        then neither waits for it nor reads the store (nor imports MLflow: about 2 s of CPU,
+        and 40 ms and a wait for the writer each pruned trial, measured)."""
         if not self.tracking:
             return
         from sweeps import tracking, writer
 
-        if ended is not None and (run_id := tracking.ended_run(ended)) is not None:
+        if (run_id := tracking.ended_run(ended)) is not None:
             trial.set_user_attr(RUN_ID, run_id)
             return
+        end = trial_run_end(ended)
+        state, status = end.tags["trial_state"], end.status
 
         writer.drain_all()  # the run's end, sent to this worker's writer, is in the store
         number = trial.number
